@@ -1,0 +1,5 @@
+import sys
+
+from g2is_jax.cli import main
+
+sys.exit(main())
