@@ -1,0 +1,321 @@
+"""A Flax NNX decoder for the Llama family, with LoRA adapters as their own variable type.
+
+One module tree serves Llama 2/3 (incl. Llama 3 rope scaling), Mistral, Qwen2 (bias on q, k, v)
+and SmolLM2 (tied embeddings). Parameter names follow transformers' (``layers[i].self_attn.
+q_proj.kernel`` ...) so checkpoint and PEFT mapping is a rename plus a transpose. LoRA factors are
+`nnx.LoRAParam`s (``lora_a``: in×r, ``lora_b``: r×out, B starts at zero) next to the frozen
+``kernel``; `g2is_jax.models.lora.split_lora` separates them so gradients are taken with respect
+to the adapters only.
+
+Conventions: right padding for training and scoring (positions 0..L-1), any padding for
+generation when positions are passed explicitly; softmax and logits in float32; masked scores use
+the dtype's most negative finite value, so a row with no visible key gives no NaN. Dropout is
+driven by an explicit key (``dropout_key``) instead of stateful RNG streams, which keeps every
+call a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from g2is_jax.models.config import LoraConfig, ModelConfig, RopeScaling
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            from g2is_jax.errors import G2ISError
+
+            raise G2ISError(f"dtype {dtype!r} is not supported; choose from {list(_DTYPES)}")
+        return _DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+class KVCache(NamedTuple):
+    """Keys/values per layer, [B, S, kv_heads, head_dim], and which slots hold a real token."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    mask: jax.Array  # [B, S] int32
+
+    @staticmethod
+    def zeros(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        z = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return KVCache(z, z, jnp.zeros((batch, length), jnp.int32))
+
+
+class LoRALinear(nnx.Module):
+    """y = x W (+ b) + dropout(x) A B · alpha/r, with W frozen and A, B as `nnx.LoRAParam`."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+                 lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+        self.dtype = dtype
+        if lora is not None:
+            # A as PEFT's default (Kaiming-uniform with a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
+            bound = 1.0 / np.sqrt(in_features)
+            self.lora_a = nnx.LoRAParam(jax.random.uniform(
+                rngs.params(), (in_features, lora.rank), jnp.float32, -bound, bound))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32))
+            self.lora_scaling = float(lora.scaling)
+            self.lora_dropout = float(lora.dropout)
+        else:
+            self.lora_a = None
+            self.lora_b = None
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
+        if self.lora_a is not None:
+            h = x
+            if dropout_key is not None and self.lora_dropout > 0.0:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(h.dtype)
+            a = self.lora_a[...].astype(self.dtype)
+            b = self.lora_b[...].astype(self.dtype)
+            y = y + (h @ a @ b) * jnp.asarray(self.lora_scaling, self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return normed * self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], with linear or Llama-3 band scaling applied."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is None:
+        return inv.astype(np.float32)
+    if scaling.kind == "linear":
+        return (inv / scaling.factor).astype(np.float32)
+    # Llama 3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
+    low_wl = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wl = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wl = 2 * np.pi / inv
+    smooth = (scaling.original_max_position_embeddings / wl - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+    out = np.where(wl > low_wl, inv / scaling.factor, np.where(wl < high_wl, inv, blended))
+    return out.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (transformers' layout) on x [B, L, H, D] at positions [B, L]."""
+    ang = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        def lora_for(name):
+            return lora if lora is not None and name in lora.target_modules else None
+
+        h, d, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        bias = cfg.attention_bias
+        self.q_proj = LoRALinear(h, nh * d, use_bias=bias, lora=lora_for("q"), dtype=dtype,
+                                 rngs=rngs)
+        self.k_proj = LoRALinear(h, nkv * d, use_bias=bias, lora=lora_for("k"), dtype=dtype,
+                                 rngs=rngs)
+        self.v_proj = LoRALinear(h, nkv * d, use_bias=bias, lora=lora_for("v"), dtype=dtype,
+                                 rngs=rngs)
+        self.o_proj = LoRALinear(nh * d, h, use_bias=False, lora=lora_for("o"), dtype=dtype,
+                                 rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
+        self.inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
+
+    def __call__(self, x, positions, key_mask, query_slots, key_slots, dropout_key,
+                 cache_kv=None, cache_index=None):
+        b, length, _ = x.shape
+        q = self.q_proj(x, _fold(dropout_key, 0)).reshape(b, length, self.num_heads, -1)
+        k = self.k_proj(x, _fold(dropout_key, 1)).reshape(b, length, self.num_kv_heads, -1)
+        v = self.v_proj(x, _fold(dropout_key, 2)).reshape(b, length, self.num_kv_heads, -1)
+        q = apply_rope(q, positions, self.inv_freq)
+        k = apply_rope(k, positions, self.inv_freq)
+        new_kv = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (k, v)
+        groups = self.num_heads // self.num_kv_heads
+        qg = q.reshape(b, length, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("blkgd,bskd->bkgls", qg, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+        scores = scores / np.sqrt(self.head_dim).astype(np.float32)
+        visible = (key_slots[None, :] <= query_slots[:, None])[None] & (key_mask[:, None, :] > 0)
+        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, -1)
+        return self.o_proj(out.astype(x.dtype), _fold(dropout_key, 3)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        def lora_for(name):
+            return lora if lora is not None and name in lora.target_modules else None
+
+        h, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = LoRALinear(h, m, use_bias=False, lora=lora_for("gate"), dtype=dtype,
+                                    rngs=rngs)
+        self.up_proj = LoRALinear(h, m, use_bias=False, lora=lora_for("up"), dtype=dtype,
+                                  rngs=rngs)
+        self.down_proj = LoRALinear(m, h, use_bias=False, lora=lora_for("down"), dtype=dtype,
+                                    rngs=rngs)
+
+    def __call__(self, x, dropout_key):
+        g = self.gate_proj(x, _fold(dropout_key, 4))
+        u = self.up_proj(x, _fold(dropout_key, 5))
+        return self.down_proj(jax.nn.silu(g) * u, _fold(dropout_key, 6))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, lora, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, lora, dtype, rngs)
+
+    def __call__(self, x, positions, key_mask, query_slots, key_slots, dropout_key,
+                 cache_kv=None, cache_index=None):
+        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, key_mask, query_slots,
+                                      key_slots, dropout_key, cache_kv, cache_index)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x), dropout_key)
+        return x, new_kv
+
+
+class Llama(nnx.Module):
+    """The decoder. `__call__` returns float32 logits [B, L, V] (and the updated cache)."""
+
+    def __init__(self, config: ModelConfig, lora: LoraConfig | None = None, *,
+                 dtype: str = "float32", rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        dt = resolve_dtype(dtype)
+        self.config = config
+        self.lora_config = lora
+        self.dtype_name = jnp.dtype(dt).name
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dt,
+                                      param_dtype=dt, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(config, lora, dt, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = LoRALinear(config.hidden_size, config.vocab_size, use_bias=False,
+                                      lora=None, dtype=dt, rngs=rngs)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None,
+                      dropout_key=None, cache: KVCache | None = None, cache_index=0):
+        """The final normed hidden states [B, L, H] (and the updated cache, or None)."""
+        b, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, length), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        query_slots = jnp.arange(length, dtype=jnp.int32)
+        if cache is not None:
+            query_slots = query_slots + cache_index
+            key_mask = jax.lax.dynamic_update_slice(
+                cache.mask, attention_mask.astype(jnp.int32), (0, cache_index))
+            key_slots = jnp.arange(cache.mask.shape[1], dtype=jnp.int32)
+        else:
+            key_mask, key_slots = attention_mask, query_slots
+        x = self.embed_tokens(input_ids)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, nkv = layer(x, positions, key_mask, query_slots, key_slots,
+                           _fold(dropout_key, i), kv, cache_index)
+            if nkv is not None:
+                new_k.append(nkv[0])
+                new_v.append(nkv[1])
+        x = self.norm(x)
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_mask)
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return jnp.einsum("blh,vh->blv", hidden, self.embed_tokens.embedding[...],
+                              preferred_element_type=jnp.float32)
+        return (hidden @ self.lm_head.kernel[...]).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, dropout_key=None,
+                 cache: KVCache | None = None, cache_index=0):
+        hidden, new_cache = self.hidden_states(
+            input_ids, attention_mask, positions=positions, dropout_key=dropout_key,
+            cache=cache, cache_index=cache_index)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+
+def example_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean token cross-entropy over the masked targets of one or more rows.
+
+    logits[..., t, :] predicts input_ids[..., t+1]; `loss_mask[t]` marks input_ids[t] as a target.
+    Returns one value per row (0 for a row with no target).
+    """
+    logp = jax.nn.log_softmax(logits[..., :-1, :].astype(jnp.float32), axis=-1)
+    targets = input_ids[..., 1:]
+    tok = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    m = loss_mask[..., 1:].astype(jnp.float32)
+    return jnp.sum(tok * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
+def init_model(config: ModelConfig, lora: LoraConfig | None = None, *, seed: int = 0,
+               dtype: str = "float32") -> Llama:
+    """A randomly initialised model (weights N(0, 0.02), LoRA B = 0)."""
+    return Llama(config, lora, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+def with_lora(model: Llama, lora: LoraConfig, *, seed: int = 0) -> Llama:
+    """A new model with the base weights of `model` and fresh LoRA adapters (B = 0)."""
+    fresh = Llama(model.config, lora, dtype=model.dtype_name, rngs=nnx.Rngs(seed))
+    nnx.update(fresh, nnx.state(model, BASE_FILTER))
+    return fresh
+
+
+__all__ = [
+    "KVCache",
+    "Llama",
+    "LoRALinear",
+    "ModelConfig",
+    "LoraConfig",
+    "example_nll",
+    "init_model",
+    "with_lora",
+    "rope_inv_freq",
+    "apply_rope",
+    "BASE_FILTER",
+]
