@@ -1,0 +1,160 @@
+"""Per-example gradients: vmap(grad) against a loop of grad, against PyTorch + peft (LESS's
+way), and the Adam/sign feature formulas against hand computations."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from g2is_jax.gradients import (AdamMoments, adam_features, feature_fn, flatten_rows,
+                                gradient_features, per_example_grads)
+from g2is_jax.models.config import LoraConfig, ModelConfig
+from g2is_jax.models.convert import hf_tensors, load_hf_tensors
+from g2is_jax.models.llama import init_model
+from g2is_jax.models.lora import completion_loss, split_lora
+
+CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
+                  num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5)
+LORA = LoraConfig(rank=4, alpha=16.0, dropout=0.0, target_modules=("q", "k", "v", "o"))
+
+
+def _randomize_lora(lora, seed):
+    leaves, tdef = jax.tree_util.tree_flatten(lora)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tdef, [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def make_batch(lengths, width, prompt_len=3, seed=0):
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    ids = np.zeros((b, width), np.int32)
+    attn = np.zeros((b, width), np.int32)
+    lmask = np.zeros((b, width), np.float32)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, CFG.vocab_size, n)
+        attn[i, :n] = 1
+        lmask[i, min(prompt_len, n - 1):n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": lmask}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = init_model(CFG, LORA, seed=0)
+    graphdef, base, lora = split_lora(model)
+    return graphdef, base, _randomize_lora(lora, 1)
+
+
+def test_vmap_matches_loop_with_padding(setup):
+    graphdef, base, lora = setup
+    loss = completion_loss(graphdef)
+    batch = make_batch([9, 4, 12, 6], width=16)
+    batched = jax.jit(per_example_grads(loss))(lora, base, batch)
+    grad1 = jax.jit(jax.grad(loss))
+    for i, n in enumerate([9, 4, 12, 6]):
+        # Each record alone, unpadded: padding must not change its gradient.
+        ex = {k: v[i, :n] for k, v in batch.items()}
+        single = grad1(lora, base, ex)
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], batched), single,
+                                    rtol=1e-5, atol=1e-7)
+
+
+def test_padding_row_has_zero_gradient(setup):
+    graphdef, base, lora = setup
+    batch = make_batch([5, 1], width=8)
+    batch["attention_mask"][1] = 0
+    batch["loss_mask"][1] = 0
+    grads = per_example_grads(completion_loss(graphdef))(lora, base, batch)
+    rows = np.asarray(flatten_rows(grads))
+    assert np.abs(rows[0]).max() > 0
+    assert np.abs(rows[1]).max() == 0
+
+
+def test_adam_feature_formula_by_hand():
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((3, 5)).astype(np.float32)
+    m = rng.standard_normal(5).astype(np.float32)
+    v = rng.random(5).astype(np.float32)
+    got = np.asarray(adam_features({"w": jnp.asarray(g)},
+                                   AdamMoments({"w": jnp.asarray(m)}, {"w": jnp.asarray(v)}))["w"])
+    for i in range(3):
+        for j in range(5):
+            m1 = 0.9 * m[j] + 0.1 * g[i, j]
+            v1 = 0.999 * v[j] + 0.001 * g[i, j] ** 2
+            assert got[i, j] == pytest.approx(m1 / np.sqrt(v1 + 1e-8), rel=1e-5)
+
+
+def test_sign_and_sgd_features():
+    g = {"a": jnp.asarray([[-2.0, 0.0, 3.0]])}
+    np.testing.assert_array_equal(gradient_features(g, "sign")["a"], [[-1.0, 0.0, 1.0]])
+    assert gradient_features(g, "sgd") is g
+    from g2is_jax.errors import G2ISError
+    with pytest.raises(G2ISError, match="moments"):
+        gradient_features(g, "adam")
+    with pytest.raises(G2ISError, match="unknown gradient type"):
+        gradient_features(g, "rmsprop")
+
+
+def test_feature_fn_flags_non_finite(setup):
+    graphdef, base, lora = setup
+    f = feature_fn(completion_loss(graphdef), "sgd")
+    batch = make_batch([6, 6], width=8)
+    bad = jax.tree_util.tree_map(lambda x: x, lora)
+    leaves, tdef = jax.tree_util.tree_flatten(bad)
+    leaves[0] = leaves[0].at[0, 0].set(jnp.nan)
+    feats, finite = f(jax.tree_util.tree_unflatten(tdef, leaves), base, batch)
+    assert not bool(np.any(np.asarray(finite)))
+    feats, finite = f(lora, base, batch)
+    assert bool(np.all(np.asarray(finite)))
+    # Rows are the per-example gradients flattened in tree order.
+    grads = jax.jit(per_example_grads(completion_loss(graphdef)))(lora, base, batch)
+    # Same math, compiled as a separate program: equal up to float32 reassociation.
+    np.testing.assert_allclose(np.asarray(feats), np.asarray(flatten_rows(grads)), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_sgd_gram_matches_pytorch_peft_loop(setup):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    graphdef, base, lora = setup
+    model = init_model(CFG, LORA, seed=0)
+    # Torch twin: same base weights, a peft adapter with the same (non-zero) A and B.
+    hf_cfg = transformers.AutoConfig.for_model(**CFG.to_hf())
+    hf_cfg._attn_implementation = "eager"
+    tmodel = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=torch.float32)
+    tmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in
+                            hf_tensors(model).items()}, strict=False)
+    pcfg = peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    pmodel = peft.get_peft_model(tmodel, pcfg).eval()
+    named = dict(pmodel.named_parameters())
+    for i in range(CFG.num_layers):
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            ours = lora["layers"][i]["self_attn"][p]
+            pre = f"base_model.model.model.layers.{i}.self_attn.{p}"
+            with torch.no_grad():
+                named[f"{pre}.lora_A.default.weight"].copy_(
+                    torch.from_numpy(np.asarray(ours["lora_a"][...]).T.copy()))
+                named[f"{pre}.lora_B.default.weight"].copy_(
+                    torch.from_numpy(np.asarray(ours["lora_b"][...]).T.copy()))
+    lengths = [9, 4, 12, 6, 7]
+    batch = make_batch(lengths, width=12, seed=3)
+    ours = np.asarray(flatten_rows(jax.jit(per_example_grads(completion_loss(graphdef)))(
+        lora, base, batch)), np.float64)
+    # LESS's loop: batch size 1, labels -100 outside the completion, loss.backward().
+    rows = []
+    lora_params = [p for n, p in pmodel.named_parameters() if "lora_" in n]
+    for i, n in enumerate(lengths):
+        ids = torch.from_numpy(batch["input_ids"][i:i + 1, :n]).long()
+        labels = ids.clone()
+        labels[0, batch["loss_mask"][i, :n] == 0] = -100
+        pmodel.zero_grad()
+        pmodel(input_ids=ids, labels=labels).loss.backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in lora_params]).double().numpy())
+    theirs = np.stack(rows)
+    assert ours.shape == theirs.shape
+    g_ours, g_theirs = ours @ ours.T, theirs @ theirs.T
+    rel = np.linalg.norm(g_ours - g_theirs) / np.linalg.norm(g_theirs)
+    assert rel < 1e-4, f"Gram matrices differ: relative Frobenius error {rel:.2e}"
