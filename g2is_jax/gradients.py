@@ -82,24 +82,31 @@ def flatten_rows(tree: PyTree) -> jax.Array:
     return jnp.concatenate([x.reshape(b, -1).astype(jnp.float32) for x in leaves], axis=1)
 
 
-def feature_fn(loss_fn: Callable[..., jax.Array], kind: str,
-               project: Callable[[jax.Array], jax.Array] | None = None) -> Callable[..., Any]:
-    """A jitted ``f(lora, base, batch, moments) -> (features [B, d], finite [B])``.
+def row_finite(tree: PyTree) -> jax.Array:
+    """[B] bool: True where every leaf of per-example row i is finite."""
+    flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+             for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(flags), axis=0)
 
-    `project` maps flattened rows [B, P] to [B, d] (None keeps [B, P]). `finite[i]` is False
-    when row i's gradient holds a NaN or Inf; callers must report, not store, such rows.
+
+def feature_fn(loss_fn: Callable[..., jax.Array], kind: str,
+               project_tree: Callable[[PyTree], jax.Array] | None = None
+               ) -> Callable[..., Any]:
+    """A jitted ``f(lora, base, batch, moments=None) -> (features [B, d], finite [B])``.
+
+    `project_tree` maps a per-example pytree to rows [B, d] (e.g. `Projector.apply_tree`, which
+    never builds the [B, P] concatenation); None keeps the flattened rows [B, P]. `finite[i]` is
+    False when row i's feature holds a NaN or Inf: callers must report, not store, such rows.
     """
     if kind not in GRADIENT_KINDS:
         raise G2ISError(f"unknown gradient type {kind!r}; choose from {list(GRADIENT_KINDS)}")
     grads_fn = per_example_grads(loss_fn)
+    project_tree = project_tree or flatten_rows
 
     @jax.jit
     def f(lora, base, batch, moments: AdamMoments | None = None):
-        grads = grads_fn(lora, base, batch)
-        rows = flatten_rows(gradient_features(grads, kind, moments))
-        finite = jnp.all(jnp.isfinite(rows), axis=1)
-        feats = rows if project is None else project(rows)
-        return feats, finite
+        feats = gradient_features(grads_fn(lora, base, batch), kind, moments)
+        return project_tree(feats), row_finite(feats)
 
     return f
 
@@ -115,4 +122,5 @@ __all__ = [
     "flatten_rows",
     "gradient_features",
     "per_example_grads",
+    "row_finite",
 ]
