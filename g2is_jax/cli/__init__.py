@@ -18,6 +18,7 @@ from g2is_jax.errors import G2ISError
 _COMMANDS = (
     "data_check",
     "evaluate",
+    "warmup",
 )
 
 
