@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from g2is_jax.data import Record, encode_records, length_buckets, make_batches
+from g2is_jax.data import Record, encode_prompt, encode_records, length_buckets, make_batches
 from g2is_jax.errors import G2ISError
 from g2is_jax.models.llama import KVCache, Llama
 from g2is_jax.models.lora import batch_nll, split_lora
@@ -87,37 +87,17 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-def prompt_ids(record: Record, tokenizer) -> list[int]:
-    """Tokens of everything before the last assistant turn, ready for the answer."""
-    msgs = record.messages
-    last = max(i for i, m in enumerate(msgs) if m.role == "assistant")
-    if record.format == "prompt_completion":
-        return list(tokenizer(msgs[0].content, add_special_tokens=False)["input_ids"])
-    chat = [{"role": m.role, "content": m.content} for m in msgs[:last]]
-    out = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
-
-
-def reference_answer(record: Record) -> str:
-    ans = record.meta.get("answer") if record.meta else None
-    if ans is not None:
-        return str(ans)
-    return [m for m in record.messages if m.role == "assistant"][-1].content
-
-
 _FINAL = re.compile(r"####\s*(.+)$", re.MULTILINE)
 
 
 def normalize_answer(text: str) -> str:
-    """Compare answers on their final line marker (GSM8K's '#### N') or on the stripped text,
-    case-insensitively with inner whitespace collapsed and a trailing period dropped."""
+    """The text compared by exact match: what follows a final '#### ' marker (GSM8K; thousands
+    separators dropped) or else the whole text; inner whitespace collapsed, a final period
+    dropped. Case is kept ("true" is not "True")."""
     m = _FINAL.search(text)
     if m:
         text = m.group(1).replace(",", "")
-    text = " ".join(text.strip().split()).lower()
-    return text.rstrip(".")
+    return " ".join(text.split()).removesuffix(".").strip()
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -183,11 +163,11 @@ def evaluate_records(model: Llama, tokenizer, records: Sequence[Record], *,
                         progress=progress)
     if not generate_answers:
         return res
-    prompts = [prompt_ids(r, tokenizer) for r in records]
+    prompts = [encode_prompt(r, tokenizer).tolist() for r in records]
     toks = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                     batch_size=batch_size, progress=progress)
     preds = [tokenizer.decode(t, skip_special_tokens=True) for t in toks]
-    em = np.array([exact_match(p, reference_answer(r)) for p, r in zip(preds, records)])
+    em = np.array([exact_match(p, r.reference) for p, r in zip(preds, records)])
     return dataclasses.replace(res, predictions=preds, exact_match=em)
 
 

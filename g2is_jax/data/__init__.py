@@ -1,0 +1,62 @@
+"""Instruction data: records in four formats, tokenization with completion-only loss masks,
+static-shape batches, and the synthetic task suite."""
+
+from g2is_jax.data.formats import (
+    FORMATS,
+    ROLES,
+    Message,
+    Record,
+    convert_record,
+    detect_format,
+    load_records,
+    record_to_json,
+    scan_records,
+    write_jsonl,
+)
+from g2is_jax.data.tasks import (
+    DISTRACTOR_DOMAINS,
+    DOMAINS,
+    KINDS,
+    SuiteFiles,
+    build_pool,
+    build_target,
+    suite,
+)
+from g2is_jax.data.tokenize import (
+    Batch,
+    Encoded,
+    EncodeReport,
+    encode_prompt,
+    encode_record,
+    encode_records,
+    length_buckets,
+    make_batches,
+)
+
+__all__ = [
+    "DISTRACTOR_DOMAINS",
+    "DOMAINS",
+    "FORMATS",
+    "KINDS",
+    "ROLES",
+    "Batch",
+    "EncodeReport",
+    "Encoded",
+    "Message",
+    "Record",
+    "SuiteFiles",
+    "build_pool",
+    "build_target",
+    "convert_record",
+    "detect_format",
+    "encode_prompt",
+    "encode_record",
+    "encode_records",
+    "length_buckets",
+    "load_records",
+    "make_batches",
+    "record_to_json",
+    "scan_records",
+    "suite",
+    "write_jsonl",
+]

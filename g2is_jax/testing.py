@@ -1,0 +1,90 @@
+"""Helpers for tests, shipped with the package so that every test module (ours and users') can
+build small fixtures without downloads.
+
+`tiny_tokenizer()` is a byte-level BPE tokenizer trained in a few milliseconds on a fixed corpus,
+with SmolLM2's special tokens at SmolLM2's ids (0 `<|endoftext|>`, 1 `<|im_start|>`,
+2 `<|im_end|>`), pad = eos = `<|im_end|>`, and a ChatML chat template that, like SmolLM2's,
+inserts a default system message when the conversation does not start with one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+__all__ = ["TINY_CHAT_TEMPLATE", "TINY_DEFAULT_SYSTEM", "tiny_tokenizer"]
+
+TINY_DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# ChatML, written like SmolLM2's template: a default system turn when the first message is not a
+# system message; every turn is `<|im_start|>role\ncontent<|im_end|>\n`.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + TINY_DEFAULT_SYSTEM + "<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Training text for the merges: chat markup and the words of the synthetic task suite, so encoded
+# test conversations stay short. Any byte string still encodes (byte-level alphabet).
+_CORPUS = [
+    "system user assistant You are a helpful assistant.",
+    "Compute the value. Answer with the number only. What is the result?",
+    "Convert kilometers meters grams kilograms hours minutes seconds liters to",
+    "Sort these words alphabetically: apple banana cherry grape lemon mango orange pear",
+    "Evaluate the boolean expression: True and False or not True. Answer True or False.",
+    "Reverse the list. Remove every even number. Add to each number in the list [1, 2, 3].",
+    "What date is days after before 2024-01-15? Answer in YYYY-MM-DD format.",
+    "Hello! How are you today? Thank you, the capital of France is Paris.",
+    "Rewrite the sentence in uppercase letters. the quick brown fox jumps over the lazy dog",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 20 25 50 100 1000 + - * = ( ) , . : ? !",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    # Imported here: only test code pays for the trainer import.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        min_frequency=2,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh small byte-level BPE `PreTrainedTokenizerFast` with a ChatML chat template.
+
+    Deterministic (same vocabulary and merges on every call) and built without any download; each
+    call returns a new object, so a test may mutate it freely.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+        chat_template=TINY_CHAT_TEMPLATE,
+        model_max_length=8192,
+        clean_up_tokenization_spaces=False,
+    )
