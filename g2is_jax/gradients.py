@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.projection import flatten_per_example
 
 GRADIENT_KINDS = ("sgd", "adam", "sign")
 PyTree = Any
@@ -75,13 +76,6 @@ def gradient_features(grads: PyTree, kind: str, moments: AdamMoments | None = No
     raise G2ISError(f"unknown gradient type {kind!r}; choose from {list(GRADIENT_KINDS)}")
 
 
-def flatten_rows(tree: PyTree) -> jax.Array:
-    """Concatenate per-example leaves into rows [B, P] in `jax.tree_util` flatten order."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    b = leaves[0].shape[0]
-    return jnp.concatenate([x.reshape(b, -1).astype(jnp.float32) for x in leaves], axis=1)
-
-
 def row_finite(tree: PyTree) -> jax.Array:
     """[B] bool: True where every leaf of per-example row i is finite."""
     flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
@@ -101,7 +95,7 @@ def feature_fn(loss_fn: Callable[..., jax.Array], kind: str,
     if kind not in GRADIENT_KINDS:
         raise G2ISError(f"unknown gradient type {kind!r}; choose from {list(GRADIENT_KINDS)}")
     grads_fn = per_example_grads(loss_fn)
-    project_tree = project_tree or flatten_rows
+    project_tree = project_tree or flatten_per_example
 
     @jax.jit
     def f(lora, base, batch, moments: AdamMoments | None = None):
@@ -119,7 +113,6 @@ __all__ = [
     "GRADIENT_KINDS",
     "adam_features",
     "feature_fn",
-    "flatten_rows",
     "gradient_features",
     "per_example_grads",
     "row_finite",

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from g2is_jax.gradients import (AdamMoments, adam_features, feature_fn, flatten_rows,
-                                gradient_features, per_example_grads)
+from g2is_jax.gradients import (AdamMoments, adam_features, feature_fn, gradient_features,
+                                per_example_grads)
+from g2is_jax.projection import flatten_per_example
 from g2is_jax.models.config import LoraConfig, ModelConfig
 from g2is_jax.models.convert import hf_tensors, load_hf_tensors
 from g2is_jax.models.llama import init_model
@@ -66,7 +67,7 @@ def test_padding_row_has_zero_gradient(setup):
     batch["attention_mask"][1] = 0
     batch["loss_mask"][1] = 0
     grads = per_example_grads(completion_loss(graphdef))(lora, base, batch)
-    rows = np.asarray(flatten_rows(grads))
+    rows = np.asarray(flatten_per_example(grads))
     assert np.abs(rows[0]).max() > 0
     assert np.abs(rows[1]).max() == 0
 
@@ -110,7 +111,7 @@ def test_feature_fn_flags_non_finite(setup):
     # Rows are the per-example gradients flattened in tree order.
     grads = jax.jit(per_example_grads(completion_loss(graphdef)))(lora, base, batch)
     # Same math, compiled as a separate program: equal up to float32 reassociation.
-    np.testing.assert_allclose(np.asarray(feats), np.asarray(flatten_rows(grads)), rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(feats), np.asarray(flatten_per_example(grads)), rtol=1e-5,
                                atol=1e-7)
 
 
@@ -141,7 +142,7 @@ def test_sgd_gram_matches_pytorch_peft_loop(setup):
                     torch.from_numpy(np.asarray(ours["lora_b"][...]).T.copy()))
     lengths = [9, 4, 12, 6, 7]
     batch = make_batch(lengths, width=12, seed=3)
-    ours = np.asarray(flatten_rows(jax.jit(per_example_grads(completion_loss(graphdef)))(
+    ours = np.asarray(flatten_per_example(jax.jit(per_example_grads(completion_loss(graphdef)))(
         lora, base, batch)), np.float64)
     # LESS's loop: batch size 1, labels -100 outside the completion, loss.backward().
     rows = []
