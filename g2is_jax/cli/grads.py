@@ -1,0 +1,79 @@
+"""`g2is grads`: per-example LoRA gradient features of a dataset into a feature store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from g2is_jax.errors import G2ISError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from g2is_jax.projection import DEFAULT_DIM, KINDS
+
+    p = sub.add_parser(
+        "grads",
+        help="per-example LoRA gradient features (vmap of grad + random projection)",
+        description="Computes the gradient of every record's completion loss with respect to "
+        "the LoRA params (jax.vmap of jax.grad over padded batches, one compiled program per "
+        "length bucket), applies the feature transform (sgd: raw, for target validation data; "
+        "adam: m'/sqrt(v'+eps) with the checkpoint's moments, for the pool; sign), projects it "
+        "to --dim dimensions inside the same program and writes OUT/features.npy (row i = "
+        "record i) and OUT/meta.json. Killed and re-run with the same command, it resumes; a "
+        "changed input or setting is refused.",
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (default), a .gguf file, or a Hugging Face checkpoint dir")
+    p.add_argument("--data", required=True, help="JSON/JSONL/Parquet instruction records")
+    p.add_argument("--out", required=True, help="feature-store directory")
+    p.add_argument("--gradient", choices=["sgd", "adam", "sign"], default="sgd")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a warmup checkpoint RUN/checkpoints/<epoch> "
+                     "(adapters + Adam moments + learning rate)")
+    src.add_argument("--adapter", help="a PEFT LoRA adapter directory (sgd/sign only)")
+    p.add_argument("--projection", choices=list(KINDS), default="rademacher")
+    p.add_argument("--dim", type=int, default=DEFAULT_DIM, help="projected dimension")
+    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing (finished or partial) store in --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from g2is_jax.data import load_records
+    from g2is_jax.featurize import compute_features
+    from g2is_jax.models.loading import load_model
+    from g2is_jax.projection import Projector
+    from g2is_jax.store import file_sha256
+
+    if args.gradient == "adam" and args.checkpoint is None:
+        raise G2ISError("--gradient adam needs a warmup --checkpoint (it holds Adam's moments); "
+                        "a PEFT adapter has none: use --gradient sgd or sign")
+    projector = Projector(kind=args.projection, dim=args.dim, seed=args.seed)
+    records = load_records(args.data)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    meta = {"model": str(args.model), "data": str(Path(args.data).absolute()),
+            "data_sha256": file_sha256(args.data) if Path(args.data).is_file() else None}
+    moments = None
+    if args.checkpoint:
+        from g2is_jax.train import load_checkpoint
+
+        model, moments, ck = load_checkpoint(model, args.checkpoint)
+        meta.update(checkpoint=str(Path(args.checkpoint).absolute()),
+                    checkpoint_lr=ck["epoch_mean_lr"], checkpoint_epoch=ck["epoch"])
+        if args.gradient != "adam":
+            moments = None
+    else:
+        from g2is_jax.models.peft import load_peft_adapter
+
+        model = load_peft_adapter(model, args.adapter)
+        meta.update(adapter=str(Path(args.adapter).absolute()), checkpoint_lr=None)
+    path = compute_features(model, tokenizer, records, args.out, gradient=args.gradient,
+                            projector=projector, moments=moments, batch_size=args.batch_size,
+                            max_length=args.max_length, meta=meta, overwrite=args.overwrite)
+    print(json.dumps({"features": str(path), "n": len(records)}))
+    return 0
