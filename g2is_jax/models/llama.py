@@ -43,17 +43,18 @@ def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
 
 
 class KVCache(NamedTuple):
-    """Keys/values per layer, [B, S, kv_heads, head_dim], and which slots hold a real token."""
+    """Keys/values of all layers, [layers, B, S, kv_heads, head_dim], and which of the S slots
+    hold a real token ([B, S] int32)."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    mask: jax.Array  # [B, S] int32
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
 
     @staticmethod
     def zeros(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        z = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return KVCache(z, z, jnp.zeros((batch, length), jnp.int32))
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                       jnp.zeros((batch, length), jnp.int32))
 
 
 class LoRALinear(nnx.Module):
@@ -149,7 +150,8 @@ class Attention(nnx.Module):
         self.o_proj = LoRALinear(nh * d, h, use_bias=False, lora=lora_for("o"), dtype=dtype,
                                  rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
-        self.inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
+        # Static (hashable) so the RoPE table is a compile-time constant, not model state.
+        self.rope = (d, float(cfg.rope_theta), cfg.rope_scaling)
 
     def __call__(self, x, positions, key_mask, query_slots, key_slots, dropout_key,
                  cache_kv=None, cache_index=None):
@@ -157,8 +159,9 @@ class Attention(nnx.Module):
         q = self.q_proj(x, _fold(dropout_key, 0)).reshape(b, length, self.num_heads, -1)
         k = self.k_proj(x, _fold(dropout_key, 1)).reshape(b, length, self.num_kv_heads, -1)
         v = self.v_proj(x, _fold(dropout_key, 2)).reshape(b, length, self.num_kv_heads, -1)
-        q = apply_rope(q, positions, self.inv_freq)
-        k = apply_rope(k, positions, self.inv_freq)
+        inv_freq = rope_inv_freq(*self.rope)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
         new_kv = None
         if cache_kv is not None:
             ck, cv = cache_kv
@@ -250,16 +253,25 @@ class Llama(nnx.Module):
         else:
             key_mask, key_slots = attention_mask, query_slots
         x = self.embed_tokens(input_ids)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, nkv = layer(x, positions, key_mask, query_slots, key_slots,
-                           _fold(dropout_key, i), kv, cache_index)
-            if nkv is not None:
-                new_k.append(nkv[0])
-                new_v.append(nkv[1])
+        # One layer body under lax.scan over the stacked layer states: the compiled program
+        # holds one layer, not num_layers copies (compile time independent of depth).
+        layer_def, _ = nnx.split(self.layers[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[nnx.split(layer)[1] for layer in self.layers])
+        kv = None if cache is None else (cache.keys, cache.values)
+
+        def body(h, xs):
+            state, layer_kv, i = xs
+            layer = nnx.merge(layer_def, state)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            h, new_kv = layer(h, positions, key_mask, query_slots, key_slots, key, layer_kv,
+                              cache_index)
+            return h, new_kv
+
+        x, new_kv = jax.lax.scan(
+            body, x, (stacked, kv, jnp.arange(len(self.layers), dtype=jnp.int32)))
         x = self.norm(x)
-        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_mask)
+        new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], key_mask)
         return x, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -299,23 +311,54 @@ def init_model(config: ModelConfig, lora: LoraConfig | None = None, *, seed: int
 BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
+def init_lora_state(abstract: nnx.State, seed: int) -> nnx.State:
+    """Fresh adapters for an abstract LoRA state: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's
+    default), B = 0, float32. A function of (shapes, seed) only."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+    values = []
+    for key, (path, leaf) in zip(keys, leaves):
+        if any(getattr(p, "key", None) == "lora_a" for p in path):
+            bound = 1.0 / np.sqrt(leaf.shape[0])
+            values.append(jax.random.uniform(key, leaf.shape, jnp.float32, -bound, bound))
+        else:
+            values.append(jnp.zeros(leaf.shape, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def build_model(config: ModelConfig, lora: LoraConfig | None = None, *, dtype: str = "float32",
+                seed: int = 0, base: nnx.State | None = None) -> Llama:
+    """A `Llama` with base weights `base` (zeros when None, for a loader to fill) and fresh
+    adapters from `seed` (`init_lora_state`).
+
+    The model is traced abstractly (`nnx.eval_shape`): the base is never randomly initialised,
+    so an 8B model costs no random draws and no extra copy.
+    """
+    abstract = nnx.eval_shape(lambda: Llama(config, lora, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, base_abs, lora_abs = nnx.split(abstract, BASE_FILTER, nnx.LoRAParam)
+    if base is None:
+        base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), base_abs)
+    return nnx.merge(graphdef, base, init_lora_state(lora_abs, seed), copy=True)
+
+
 def with_lora(model: Llama, lora: LoraConfig, *, seed: int = 0) -> Llama:
     """A new model with the base weights of `model` and fresh LoRA adapters (B = 0)."""
-    fresh = Llama(model.config, lora, dtype=model.dtype_name, rngs=nnx.Rngs(seed))
-    nnx.update(fresh, nnx.state(model, BASE_FILTER))
-    return fresh
+    return build_model(model.config, lora, dtype=model.dtype_name, seed=seed,
+                       base=nnx.state(model, BASE_FILTER))
 
 
 __all__ = [
+    "BASE_FILTER",
     "KVCache",
     "Llama",
     "LoRALinear",
-    "ModelConfig",
     "LoraConfig",
-    "example_nll",
-    "init_model",
-    "with_lora",
-    "rope_inv_freq",
+    "ModelConfig",
     "apply_rope",
-    "BASE_FILTER",
+    "build_model",
+    "example_nll",
+    "init_lora_state",
+    "init_model",
+    "rope_inv_freq",
+    "with_lora",
 ]
