@@ -16,9 +16,13 @@ from g2is_jax.errors import G2ISError
 
 # Subcommand modules, in the order `g2is --help` lists them.
 _COMMANDS = (
+    "suite",
     "data_check",
     "evaluate",
     "warmup",
+    "grads",
+    "graph",
+    "select",
 )
 
 

@@ -1,0 +1,258 @@
+"""Feature files for selection: loading, checking, combining checkpoints; the pool's JSONL lines.
+
+A feature source is either a `.npy` file (N×d) or a feature-store directory holding
+`features.npy` and `meta.json` ("n", "dim", "gradient", "record_ids", "checkpoint_lr", ...).
+Arrays are memory-mapped; checks (shape against meta, finite values) read them in row chunks.
+
+Several checkpoints. LESS sums its per-checkpoint scores weighted by each checkpoint's learning
+rate. The walk needs one geometry, so `combine_checkpoints` builds it: each checkpoint's rows are
+normalised, scaled by sqrt(w_i) (w the learning rates, summing to 1) and concatenated. The dot of
+two combined rows is then sum_i w_i cos_i, the same lr-weighted average of per-checkpoint cosines
+that LESS uses, every combined row of nonzero features has unit norm, and PCA of the combined
+validation rows sees each checkpoint's directions in proportion to its weight. One checkpoint is
+passed through unchanged, so single-checkpoint runs keep the release's exact semantics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from g2is_jax.errors import G2ISError
+
+log = logging.getLogger(__name__)
+
+_CHECK_ROWS = 16384  # rows read at a time when checking a memory-mapped file
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """One checkpoint's feature matrix (possibly memory-mapped) and its metadata."""
+
+    array: np.ndarray
+    meta: dict[str, Any]
+    source: str
+
+    @property
+    def n(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def record_ids(self) -> list[str] | None:
+        ids = self.meta.get("record_ids")
+        return [str(i) for i in ids] if isinstance(ids, list) else None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise G2ISError(f"cannot read {path} as a .npy array ({exc}); recompute the features")
+
+
+def load_features(path: str | Path, *, role: str = "train") -> Features:
+    """Load a `.npy` file or a feature-store directory and check it thoroughly."""
+    p = Path(path)
+    meta: dict[str, Any] = {}
+    if p.is_dir():
+        npy, meta_path = p / "features.npy", p / "meta.json"
+        if not npy.is_file():
+            raise G2ISError(
+                f"{p} has no features.npy: is the feature store complete? (re-run `g2is grads`)"
+            )
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise G2ISError(f"{meta_path} is not valid JSON ({exc}); re-run `g2is grads`")
+            if not isinstance(meta, dict):
+                raise G2ISError(f"{meta_path} must hold a JSON object; re-run `g2is grads`")
+        arr = _load_npy(npy)
+    elif p.is_file():
+        if p.suffix != ".npy":
+            raise G2ISError(f"{p}: {role} features must be a .npy file or a feature-store dir")
+        arr = _load_npy(p)
+    else:
+        raise G2ISError(f"{role} features {p} not found (expected a .npy file or a directory)")
+    _check_array(arr, meta, str(p), role)
+    return Features(arr, meta, str(p))
+
+
+def _check_array(arr: np.ndarray, meta: dict[str, Any], src: str, role: str) -> None:
+    if arr.ndim != 2:
+        raise G2ISError(f"{src}: {role} features must be 2-D (rows × dim), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise G2ISError(f"{src}: {role} features have no rows; the {role} set must not be empty")
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        raise G2ISError(f"{src}: {role} features must be floating point, got {arr.dtype}")
+    if "n" in meta and int(meta["n"]) != arr.shape[0]:
+        raise G2ISError(
+            f"{src}: meta.json says n={meta['n']} but features.npy has {arr.shape[0]} rows; "
+            "the store is incomplete or mixed: re-run `g2is grads`"
+        )
+    if "dim" in meta and int(meta["dim"]) != arr.shape[1]:
+        raise G2ISError(
+            f"{src}: meta.json says dim={meta['dim']} but features.npy has {arr.shape[1]} "
+            "columns; re-run `g2is grads`"
+        )
+    ids = meta.get("record_ids")
+    if isinstance(ids, list) and len(ids) != arr.shape[0]:
+        raise G2ISError(f"{src}: {len(ids)} record_ids for {arr.shape[0]} rows; re-run grads")
+    for s in range(0, arr.shape[0], _CHECK_ROWS):
+        chunk = np.asarray(arr[s : s + _CHECK_ROWS], dtype=np.float32)
+        bad = ~np.isfinite(chunk)
+        if bad.any():
+            row = s + int(np.argmax(bad.any(axis=1)))
+            raise G2ISError(
+                f"{src}: {role} features have NaN or Inf (first in row {row}); recompute them "
+                "(a diverged checkpoint?) or drop those records"
+            )
+
+
+def load_checkpoints(paths: Sequence[str | Path], *, role: str) -> list[Features]:
+    """Several checkpoints' features of the same rows: equal row counts and dims required."""
+    sets = [load_features(p, role=role) for p in paths]
+    first = sets[0]
+    for s in sets[1:]:
+        if s.n != first.n or s.dim != first.dim:
+            raise G2ISError(
+                f"{role} features {s.source} are {s.n}×{s.dim} but {first.source} is "
+                f"{first.n}×{first.dim}; every checkpoint must cover the same rows and dim"
+            )
+        if s.record_ids and first.record_ids and s.record_ids != first.record_ids:
+            raise G2ISError(
+                f"{s.source} and {first.source} list different record_ids; compute every "
+                "checkpoint's features from the same data file"
+            )
+    return sets
+
+
+def check_pairing(train: Sequence[Features], val: Sequence[Features]) -> None:
+    """Train and validation sets: one each per checkpoint, same dims pairwise."""
+    if len(train) != len(val):
+        raise G2ISError(
+            f"{len(train)} --train-features but {len(val)} --val-features; give one of each "
+            "per checkpoint, in the same order"
+        )
+    for t, v in zip(train, val, strict=True):
+        if t.dim != v.dim:
+            raise G2ISError(
+                f"feature dimensions disagree: {t.source} is {t.n}×{t.dim}, {v.source} is "
+                f"{v.n}×{v.dim}; compute both with the same projection dim and seed"
+            )
+        gt, gv = t.meta.get("gradient"), v.meta.get("gradient")
+        if gt and gv and gt == gv == "adam":
+            log.warning("validation features use Adam gradients; LESS and G2IS expect sgd there")
+
+
+def checkpoint_weights(sets: Sequence[Features]) -> np.ndarray:
+    """Each checkpoint's learning rate from meta ("checkpoint_lr"), normalised to sum to 1."""
+    lrs = [s.meta.get("checkpoint_lr") for s in sets]
+    if len(sets) == 1:
+        return np.ones(1)
+    if any(lr is None for lr in lrs):
+        log.warning("checkpoint_lr missing in some meta.json: weighting checkpoints equally")
+        return np.full(len(sets), 1.0 / len(sets))
+    w = np.asarray(lrs, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise G2ISError(f"checkpoint_lr values {lrs} must be non-negative with a positive sum")
+    return w / w.sum()
+
+
+def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float]) -> np.ndarray:
+    """One feature matrix for the walk from several checkpoints (see the module docstring)."""
+    if len(arrays) == 1:
+        return arrays[0]
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    n = arrays[0].shape[0]
+    out = np.empty((n, sum(a.shape[1] for a in arrays)), np.float32)
+    col = 0
+    for a, wi in zip(arrays, w, strict=True):
+        d = a.shape[1]
+        for s in range(0, n, _CHECK_ROWS):
+            x = np.asarray(a[s : s + _CHECK_ROWS], dtype=np.float64)
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-10)
+            out[s : s + _CHECK_ROWS, col : col + d] = np.sqrt(wi) * x
+        col += d
+    return out
+
+
+def load_subtasks(path: str | Path, n_val: int) -> list[str]:
+    """Subtask names, one per validation row: a JSON list of strings, or text, one per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise G2ISError(f"subtasks file {p} not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise G2ISError(f"{p} is not valid JSON ({exc}); write a list of subtask names")
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise G2ISError(f"{p} must hold a JSON list of strings, one per validation row")
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != n_val:
+        raise G2ISError(
+            f"{p} names {len(names)} subtasks for {n_val} validation rows; give one per row, "
+            "in the order of the validation features"
+        )
+    return names
+
+
+def read_jsonl_lines(path: str | Path) -> list[bytes]:
+    """The records of a JSONL file as raw lines (terminator kept); blank lines are not records."""
+    p = Path(path)
+    if not p.is_file():
+        raise G2ISError(f"data file {p} not found")
+    data = p.read_bytes()
+    lines = data.split(b"\n")
+    out = [line + b"\n" for line in lines[:-1]]
+    if lines[-1]:
+        out.append(lines[-1] + b"\n")  # no final newline: add one so records stay separate
+    return [line for line in out if line.strip()]
+
+
+def data_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_data_matches(lines: Sequence[bytes], feats: Features, data_path: str | Path) -> None:
+    """The pool file must have one record per feature row (and the same hash when meta has one)."""
+    if len(lines) != feats.n:
+        raise G2ISError(
+            f"{data_path} has {len(lines)} records but {feats.source} has {feats.n} feature "
+            "rows; pass the data file the features were computed from"
+        )
+    want = feats.meta.get("data_sha256")
+    if isinstance(want, str) and want != data_sha256(data_path):
+        raise G2ISError(
+            f"{data_path} changed since {feats.source} was computed (sha256 differs); pass the "
+            "original file or recompute the features"
+        )
+
+
+def write_selected(lines: Sequence[bytes], indices: Sequence[int], out: str | Path) -> Path:
+    """The selected lines, unchanged, in selection order."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.writelines(lines[int(i)] for i in indices)
+    tmp.replace(out)
+    return out
