@@ -1,7 +1,97 @@
-"""g2is_jax: G2IS instruction-data selection by per-example LoRA gradients, in JAX/Flax NNX."""
+"""g2is_jax: G2IS instruction-data selection by per-example LoRA gradients, in JAX/Flax NNX.
+
+The public API, one pure step per line (see README.md for the pipeline):
+
+    model, tok = g2is_jax.load_model("smollm2-135m")
+    graphdef, base, lora = g2is_jax.split_lora(model)
+    loss = g2is_jax.completion_loss(graphdef)                 # (lora, base, example) -> scalar
+    grads = g2is_jax.per_example_grads(loss)                  # vmap(grad) over a batch
+    rows = g2is_jax.Projector("sparse", dim=8192)(g2is_jax.flatten_per_example(grads(...)))
+    result = g2is_jax.g2is_select(T, V, ratio=0.01, delta=0.8)
+
+Names are resolved lazily, so `import g2is_jax` (and the `g2is` CLI) stays cheap until a piece
+is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from g2is_jax.errors import G2ISError
+_EXPORTS: dict[str, str] = {
+    # errors
+    "G2ISError": "g2is_jax.errors",
+    # model and loading
+    "ModelConfig": "g2is_jax.models.config",
+    "LoraConfig": "g2is_jax.models.config",
+    "RopeScaling": "g2is_jax.models.config",
+    "Llama": "g2is_jax.models.llama",
+    "init_model": "g2is_jax.models.llama",
+    "build_model": "g2is_jax.models.llama",
+    "with_lora": "g2is_jax.models.llama",
+    "split_lora": "g2is_jax.models.lora",
+    "merge_lora": "g2is_jax.models.lora",
+    "completion_loss": "g2is_jax.models.lora",
+    "load_model": "g2is_jax.models.loading",
+    "load_tokenizer": "g2is_jax.models.loading",
+    "load_config": "g2is_jax.models.loading",
+    "load_peft_adapter": "g2is_jax.models.peft",
+    "save_peft_adapter": "g2is_jax.models.peft",
+    # data
+    "Record": "g2is_jax.data",
+    "Message": "g2is_jax.data",
+    "load_records": "g2is_jax.data",
+    "write_jsonl": "g2is_jax.data",
+    "encode_records": "g2is_jax.data",
+    "make_batches": "g2is_jax.data",
+    "length_buckets": "g2is_jax.data",
+    "build_pool": "g2is_jax.data",
+    "build_target": "g2is_jax.data",
+    "suite": "g2is_jax.data",
+    # training
+    "TrainConfig": "g2is_jax.train",
+    "TRAIN_PRESETS": "g2is_jax.train",
+    "train_lora": "g2is_jax.train",
+    "load_checkpoint": "g2is_jax.train",
+    # gradients, projection, store
+    "AdamMoments": "g2is_jax.gradients",
+    "per_example_grads": "g2is_jax.gradients",
+    "adam_features": "g2is_jax.gradients",
+    "gradient_features": "g2is_jax.gradients",
+    "feature_fn": "g2is_jax.gradients",
+    "Projector": "g2is_jax.projection",
+    "project": "g2is_jax.projection",
+    "flatten_per_example": "g2is_jax.projection",
+    "open_store": "g2is_jax.store",
+    "load_features": "g2is_jax.store",
+    "compute_features": "g2is_jax.featurize",
+    # selection
+    "g2is_select": "g2is_jax.select",
+    "core_knowledge": "g2is_jax.select",
+    "allocate_budgets": "g2is_jax.select",
+    "gradient_walk": "g2is_jax.select",
+    "knn_graph": "g2is_jax.select",
+    "less_select": "g2is_jax.select",
+    "random_select": "g2is_jax.select",
+    "representation_select": "g2is_jax.select",
+    # evaluation
+    "evaluate_records": "g2is_jax.evaluate",
+    "exact_match": "g2is_jax.evaluate",
+}
 
-__all__ = ["G2ISError", "__version__"]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'g2is_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -28,7 +28,7 @@ from g2is_jax.errors import G2ISError
 from g2is_jax.gradients import AdamMoments, feature_fn
 from g2is_jax.models.llama import Llama
 from g2is_jax.models.lora import completion_loss, count_params, split_lora
-from g2is_jax.projection import Projector
+from g2is_jax.projection import Projector, flatten_per_example
 from g2is_jax.store import open_store
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,11 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         tokenizer.eos_token_id
     batches = make_batches(encoded, batch_size=batch_size, buckets=length_buckets(max_length),
                            pad_id=pad, order="bucketed")
-    f = feature_fn(completion_loss(graphdef), gradient, projector.apply_tree)
+    # Flatten, then project once: projecting leaf by leaf (`Projector.apply_tree`) compiles one
+    # loop per LoRA leaf (240 for SmolLM2 on q,k,v,o), measured 77 s of XLA compile against
+    # 10 s for one loop over the concatenation; the [B, P] rows already exist as gradients.
+    f = feature_fn(completion_loss(graphdef), gradient,
+                   lambda tree: projector(flatten_per_example(tree)))
     with open_store(out, full_meta, len(records), dim, overwrite=overwrite,
                     ignore=("package_version", "jax_version")) as store:
         todo = [b for b in batches if not store.written(b.indices[b.indices >= 0]).all()]
