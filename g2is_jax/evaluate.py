@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from g2is_jax.data import Record, encode_prompt, encode_records, length_buckets, make_batches
 from g2is_jax.errors import G2ISError
 from g2is_jax.models.llama import KVCache, Llama
 from g2is_jax.models.lora import batch_nll, split_lora
+from g2is_jax.progress import progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def score_records(model: Llama, tokenizer, records: Sequence[Record], *, batch_s
     graphdef, base, lora = split_lora(model)
     loss = np.zeros(len(records), np.float64)
     ntok = np.zeros(len(records), np.int64)
-    for b in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+    for b in progress_bar(batches, desc="scoring", unit="batch", enabled=progress):
         out = np.asarray(_batch_losses(graphdef, base, lora, b.input_ids, b.attention_mask,
                                        b.loss_mask))
         real = b.indices >= 0
@@ -138,7 +138,7 @@ def generate(model: Llama, tokenizer, prompts: Sequence[Sequence[int]], *,
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not progress):
+    for chunk in progress_bar(chunks, desc="generating", unit="batch", enabled=progress):
         width = next(b for b in buckets if b >= max(len(prompts[i]) for i in chunk))
         ids = np.full((batch_size, width), pid, np.int32)
         mask = np.zeros((batch_size, width), np.int32)

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from g2is_jax import __version__
 from g2is_jax.data import Record, encode_records, length_buckets, make_batches
@@ -28,6 +27,7 @@ from g2is_jax.errors import G2ISError
 from g2is_jax.gradients import AdamMoments, feature_fn
 from g2is_jax.models.llama import Llama
 from g2is_jax.models.lora import completion_loss, count_params, split_lora
+from g2is_jax.progress import progress_bar
 from g2is_jax.projection import Projector, flatten_per_example
 from g2is_jax.store import open_store
 
@@ -87,7 +87,7 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
             log.info("resuming: %d of %d batches already stored", len(batches) - len(todo),
                      len(batches))
         t0, done = time.perf_counter(), 0
-        bar = tqdm(todo, desc=f"{gradient} features", unit="batch", disable=not progress)
+        bar = progress_bar(todo, desc=f"{gradient} features", unit="batch", enabled=progress)
         for b in bar:
             feats, finite = f(lora, base, b.arrays(), moments)
             real = b.indices >= 0

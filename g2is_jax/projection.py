@@ -141,7 +141,8 @@ def _stream_key(seed: Any, stream: int) -> jax.Array:
 
 
 def _hash_words(key_u32: jax.Array, hi_u32: jax.Array, n_words: int) -> jax.Array:
-    """(len(hi), n_words) uint32: word w of row r is half (w % 2) of threefry(key, (hi[r], w//2))."""
+    """(len(hi), n_words) uint32: word w of row r is half (w % 2) of
+    threefry(key, (hi[r], w//2))."""
     n_pairs = -(-n_words // 2)
     shape = (hi_u32.shape[0], n_pairs)
     hi = jnp.broadcast_to(hi_u32[:, None], shape).reshape(-1)

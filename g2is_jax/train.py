@@ -25,7 +25,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm.auto import tqdm
 
 from g2is_jax.data import Record, encode_records, length_buckets, make_batches
 from g2is_jax.errors import G2ISError
@@ -33,6 +32,7 @@ from g2is_jax.gradients import AdamMoments
 from g2is_jax.models.config import LoraConfig
 from g2is_jax.models.llama import Llama
 from g2is_jax.models.lora import split_lora, token_mean_loss
+from g2is_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,8 @@ def train_lora(model: Llama, tokenizer, records: Sequence[Record], out: str | Pa
         batches = make_batches(encoded, batch_size=cfg.batch_size, buckets=buckets, pad_id=pad,
                                shuffle_seed=cfg.seed + epoch)
         lrs, ep_losses, tokens, t0 = [], [], 0, time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                   disable=not progress)
+        bar = progress_bar(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                           enabled=progress)
         for i, b in enumerate(bar):
             count = int(opt_state.gradient_step)
             if (i + 1) % cfg.grad_accum == 0 or cfg.grad_accum == 1:

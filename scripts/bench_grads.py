@@ -30,8 +30,8 @@ from bench_projection import format_table, machine, projection_rows  # noqa: E40
 from g2is_jax.data import build_pool, encode_records, make_batches  # noqa: E402
 from g2is_jax.gradients import per_example_grads  # noqa: E402
 from g2is_jax.models.config import LoraConfig  # noqa: E402
-from g2is_jax.models.loading import load_model  # noqa: E402
 from g2is_jax.models.llama import with_lora  # noqa: E402
+from g2is_jax.models.loading import load_model  # noqa: E402
 from g2is_jax.models.lora import batch_nll, completion_loss, count_params, split_lora  # noqa
 
 

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from g2is_jax.data import build_target, encode_record
-from g2is_jax.evaluate import (evaluate_records, exact_match, generate, normalize_answer,
-                               score_records)
+from g2is_jax.evaluate import (
+    evaluate_records,
+    exact_match,
+    generate,
+    normalize_answer,
+    score_records,
+)
 from g2is_jax.models.config import ModelConfig
 from g2is_jax.models.llama import example_nll, init_model
 from g2is_jax.testing import tiny_tokenizer

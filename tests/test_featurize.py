@@ -14,16 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from g2is_jax.data import build_pool, encode_record
+from g2is_jax.data import encode_record
 from g2is_jax.errors import G2ISError
 from g2is_jax.featurize import compute_features
 from g2is_jax.gradients import AdamMoments
-from g2is_jax.projection import flatten_per_example
-from g2is_jax.models.config import LoraConfig, ModelConfig
-from g2is_jax.models.llama import init_model
 from g2is_jax.models.lora import completion_loss, split_lora
-from g2is_jax.projection import Projector
-from g2is_jax.testing import tiny_tokenizer
+from g2is_jax.projection import Projector, flatten_per_example
 
 # Shared with the subprocess below (kept as source text so both build the same model).
 SETUP = """

@@ -7,13 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from g2is_jax.gradients import (AdamMoments, adam_features, feature_fn, gradient_features,
-                                per_example_grads)
-from g2is_jax.projection import flatten_per_example
+from g2is_jax.gradients import (
+    AdamMoments,
+    adam_features,
+    feature_fn,
+    gradient_features,
+    per_example_grads,
+)
 from g2is_jax.models.config import LoraConfig, ModelConfig
-from g2is_jax.models.convert import hf_tensors, load_hf_tensors
+from g2is_jax.models.convert import hf_tensors
 from g2is_jax.models.llama import init_model
 from g2is_jax.models.lora import completion_loss, split_lora
+from g2is_jax.projection import flatten_per_example
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
                   num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5)

@@ -295,12 +295,12 @@ def encode_records(
     ``check=False`` those are kept and listed in ``report.empty_ids`` instead (for reports).
     A progress bar shows when ``progress`` and stderr is a terminal.
     """
-    from tqdm.auto import tqdm
+    from g2is_jax.progress import progress_bar
 
     _check_max_length(max_length)
     encoded: list[Encoded] = []
     lengths = np.zeros(len(records), dtype=np.int64)
-    bar = tqdm(records, desc="tokenize", unit="rec", disable=None if progress else True)
+    bar = progress_bar(records, desc="tokenize", unit="rec", enabled=progress)
     for i, record in enumerate(bar):
         enc, lengths[i] = _encode(record, tokenizer, max_length)
         encoded.append(enc)

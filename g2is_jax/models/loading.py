@@ -282,7 +282,8 @@ def load_config(spec: str | Path) -> ModelConfig:
 
 
 def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
-    """The tokenizer of the checkpoint `spec` names (no weights read), with pad and chat template."""
+    """The tokenizer of the checkpoint `spec` names (no weights read), with pad and chat
+    template."""
     return _tokenizer(resolve_spec(spec, weights=False))
 
 
