@@ -4,7 +4,8 @@ A GGUF file carries everything a transformers checkpoint directory does, under l
 
 * **Config** from the metadata (``{arch}.block_count``, ``{arch}.embedding_length``, ...).
   Embeddings are tied when the file has no ``output.weight``; Llama 3.1 rope scaling, which
-  llama.cpp stores as a ``rope_freqs`` tensor of per-frequency factors, is recognised by matching those factors.
+  llama.cpp stores as a ``rope_freqs`` tensor of per-frequency factors, is recognised by
+  matching those factors.
 * **Weights** are memory-mapped through the header's tensor table (`open_gguf`) and dequantized
   with `gguf.quants.dequantize`, which returns a row-major array in PyTorch's ``[out, in]``
   layout (GGUF *records* dimensions innermost first, ``[in, out]``). Names are mapped to
