@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -115,23 +114,11 @@ def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.Gradient
 
 
 def adam_moments(opt_state: Any) -> AdamMoments:
-    """Adam's mu and nu from an optax state (found wherever they sit in the state tree)."""
-    found = []
+    """Adam's mu and nu from an optax state (wherever they sit in the state tree)."""
+    def is_adam(node):
+        return isinstance(node, optax.ScaleByAdamState)
 
-    def visit(node):
-        if isinstance(node, optax.ScaleByAdamState):
-            found.append(node)
-            return
-        if isinstance(node, tuple | list):
-            for c in node:
-                visit(c)
-        elif hasattr(node, "_fields"):
-            for c in node:
-                visit(c)
-        elif hasattr(node, "inner_opt_state"):
-            visit(node.inner_opt_state)
-
-    visit(opt_state)
+    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
     if len(found) != 1:
         raise G2ISError("the checkpoint's optimizer state holds no Adam moments")
     return AdamMoments(found[0].mu, found[0].nu)
@@ -270,11 +257,16 @@ def _save(mngr, epoch, lora, opt_state, meta):
     mngr.wait_until_finished()
 
 
-def _restore(mngr, epoch, lora, opt_state):
+def _abstract_state(lora, opt_state):
+    """The restore target: shapes and dtypes of what `_save` writes."""
     target = {"lora": lora.to_pure_dict(), "opt_state": opt_state}
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+
+
+def _restore(mngr, epoch, lora, opt_state):
     got = mngr.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(_abstract_state(lora, opt_state)),
+        meta=ocp.args.JsonRestore()))
     nnx.replace_by_pure_dict(lora, got["state"]["lora"])
     return lora, got["state"]["opt_state"], got["meta"]
 
@@ -301,10 +293,9 @@ def load_checkpoint(model: Llama, ckpt: str | Path) -> tuple[Llama, AdamMoments,
     graphdef, base, lora = split_lora(model)
     schedule = make_schedule(cfg, 1)
     opt_state = make_optimizer(cfg, schedule).init(lora)
-    target = {"lora": lora.to_pure_dict(), "opt_state": opt_state}
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     try:
-        got = ocp.StandardCheckpointer().restore(ckpt / "state", abstract)
+        got = ocp.StandardCheckpointer().restore(ckpt / "state",
+                                                 _abstract_state(lora, opt_state))
     except (ValueError, KeyError) as exc:
         raise G2ISError(f"checkpoint {ckpt} does not fit this model/LoRA shape: {exc}") from exc
     nnx.replace_by_pure_dict(lora, got["lora"])
@@ -312,4 +303,4 @@ def load_checkpoint(model: Llama, ckpt: str | Path) -> tuple[Llama, AdamMoments,
 
 
 __all__ = ["TRAIN_PRESETS", "TrainConfig", "TrainResult", "adam_moments", "load_checkpoint",
-           "make_schedule", "sample_indices", "train_lora", "jnp"]
+           "make_schedule", "sample_indices", "train_lora"]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from g2is_jax.errors import G2ISError
 from g2is_jax.models.config import LoraConfig, ModelConfig, RopeScaling
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,8 +32,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            from g2is_jax.errors import G2ISError
-
             raise G2ISError(f"dtype {dtype!r} is not supported; choose from {list(_DTYPES)}")
         return _DTYPES[dtype]
     return jnp.dtype(dtype)
