@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "load_model": "g2is_jax.models.loading",
     "load_tokenizer": "g2is_jax.models.loading",
     "load_config": "g2is_jax.models.loading",
+    "save_hf_checkpoint": "g2is_jax.models.loading",
     "load_peft_adapter": "g2is_jax.models.peft",
     "save_peft_adapter": "g2is_jax.models.peft",
     # data

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from g2is_jax import __version__
@@ -26,7 +27,7 @@ from g2is_jax.data import Record, encode_records, length_buckets, make_batches
 from g2is_jax.errors import G2ISError
 from g2is_jax.gradients import AdamMoments, feature_fn
 from g2is_jax.models.llama import Llama
-from g2is_jax.models.lora import completion_loss, count_params, split_lora
+from g2is_jax.models.lora import completion_loss, count_params, merge_lora, split_lora
 from g2is_jax.progress import progress_bar
 from g2is_jax.projection import Projector, flatten_per_example
 from g2is_jax.store import open_store
@@ -34,26 +35,54 @@ from g2is_jax.store import open_store
 log = logging.getLogger(__name__)
 
 
+def representation_fn(graphdef) -> Any:
+    """A jitted ``f(lora, base, batch, moments=None) -> (rows [B, H], finite [B])``: the final
+    (normed) hidden state at each row's last real token."""
+
+    @jax.jit
+    def f(lora, base, batch, moments=None):
+        model = merge_lora(graphdef, base, lora)
+        hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        last = jnp.maximum(jnp.sum(batch["attention_mask"], axis=1) - 1, 0)
+        rows = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        rows = rows.astype(jnp.float32)
+        return rows, jnp.all(jnp.isfinite(rows), axis=1)
+
+    return f
+
+
 def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: str | Path, *,
                      gradient: str, projector: Projector, moments: AdamMoments | None = None,
                      batch_size: int = 8, max_length: int = 2048,
                      meta: dict[str, Any] | None = None, overwrite: bool = False,
                      progress: bool = True) -> Path:
-    """Write the gradient features of `records` (row i = record i) to the store `out`.
+    """Write the features of `records` (row i = record i) to the store `out`.
 
-    `model` carries the LoRA adapters the gradients are taken with respect to. Returns the
-    path of the finished `features.npy`.
+    `gradient` is "sgd", "adam" or "sign" (gradients with respect to the LoRA adapters `model`
+    carries, projected by `projector`), or "representation": the final hidden state at each
+    record's last token, as LESS's RDS baseline uses (unprojected, width = hidden size).
+    Returns the path of the finished `features.npy`.
     """
     if not records:
         raise G2ISError("no records to compute features for")
-    if model.lora_config is None:
-        raise G2ISError("the model has no LoRA adapters: pass a warmup --checkpoint or a PEFT "
-                        "--adapter")
     if batch_size < 1:
         raise G2ISError(f"--batch-size must be ≥ 1, got {batch_size}")
     graphdef, base, lora = split_lora(model)
     n_params = count_params(lora)
-    dim = projector.out_dim(n_params)
+    if gradient == "representation":
+        projector = Projector(kind="none")
+        dim = model.config.hidden_size
+        f = representation_fn(graphdef)
+    else:
+        if model.lora_config is None:
+            raise G2ISError("the model has no LoRA adapters: pass a warmup --checkpoint or a "
+                            "PEFT --adapter")
+        dim = projector.out_dim(n_params)
+        # Flatten, then project once: projecting leaf by leaf (`Projector.apply_tree`) compiles
+        # one loop per LoRA leaf (240 for SmolLM2 on q,k,v,o), measured 77 s of XLA compile
+        # against 10 s for one loop over the concatenation; the [B, P] rows exist as gradients.
+        f = feature_fn(completion_loss(graphdef), gradient,
+                       lambda tree: projector(flatten_per_example(tree)))
     encoded, report = encode_records(records, tokenizer, max_length=max_length, progress=False)
     if report.n_truncated:
         log.warning("%d of %d records truncated to %d tokens", report.n_truncated, len(records),
@@ -75,11 +104,6 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         tokenizer.eos_token_id
     batches = make_batches(encoded, batch_size=batch_size, buckets=length_buckets(max_length),
                            pad_id=pad, order="bucketed")
-    # Flatten, then project once: projecting leaf by leaf (`Projector.apply_tree`) compiles one
-    # loop per LoRA leaf (240 for SmolLM2 on q,k,v,o), measured 77 s of XLA compile against
-    # 10 s for one loop over the concatenation; the [B, P] rows already exist as gradients.
-    f = feature_fn(completion_loss(graphdef), gradient,
-                   lambda tree: projector(flatten_per_example(tree)))
     with open_store(out, full_meta, len(records), dim, overwrite=overwrite,
                     ignore=("package_version", "jax_version")) as store:
         todo = [b for b in batches if not store.written(b.indices[b.indices >= 0]).all()]

