@@ -88,3 +88,23 @@ def test_grads_without_adapter_is_a_user_error(run, capsys):
     rc = main(["grads", "--model", str(model_dir), "--data", str(data / "pool.jsonl"),
                "--out", str(root / "x"), "--gradient", "sgd"])
     assert rc == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_train_on_the_selection_exports_a_peft_adapter(run):
+    root, data, model_dir, _, feats = run
+    sel = root / "sel_train"
+    assert main(["select", "--train-features", str(feats["pool"]), "--val-features",
+                 str(feats["dev"]), "--method", "g2is", "--ratio", "0.1", "--out", str(sel),
+                 "--data", str(data / "pool.jsonl")]) == 0
+    out = root / "ft"
+    assert main(["train", "--model", str(model_dir), "--data", str(sel / "selected.jsonl"),
+                 "--out", str(out), "--preset", "cpu-finetune", "--epochs", "2",
+                 "--lora-rank", "4", "--batch-size", "4"]) == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and (out / "checkpoints" / "2").exists()
+    ev = root / "ft_eval.jsonl"
+    assert main(["evaluate", "--model", str(model_dir), "--adapter", str(out / "adapter"),
+                 "--data", str(sel / "selected.jsonl"), "--out", str(ev),
+                 "--max-length", "128"]) == 0
+    assert len(ev.read_text().splitlines()) == len(json.loads(
+        (sel / "selection.json").read_text())["indices"])

@@ -24,6 +24,7 @@ _COMMANDS = (
     "grads",
     "graph",
     "select",
+    "train",
 )
 
 
