@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from g2is_jax.cli.warmup import add_train_args, train_config_from_args
+from g2is_jax.cli.warmup import add_train_args, train_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,16 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from g2is_jax.data import load_records
-    from g2is_jax.models.loading import load_model
     from g2is_jax.models.peft import save_peft_adapter
-    from g2is_jax.train import train_lora
 
-    cfg = train_config_from_args(args)
-    records = load_records(args.data)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    res = train_lora(model, tokenizer, records, args.out, cfg,
-                     run_info={"model": str(args.model), "data": str(args.data)})
+    res = train_from_args(args)
     adapter = save_peft_adapter(res.model, Path(args.out) / "adapter",
                                 base_model_name_or_path=str(args.model))
     print(json.dumps({"adapter": str(adapter), "checkpoints": [str(c) for c in res.checkpoints],

@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def train_from_args(args: argparse.Namespace):
+    """Load --data and --model, train as the flags say; the `TrainResult`."""
     from g2is_jax.data import load_records
     from g2is_jax.models.loading import load_model
     from g2is_jax.train import train_lora
@@ -76,8 +77,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
     records = load_records(args.data)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    res = train_lora(model, tokenizer, records, args.out, cfg,
-                     run_info={"model": str(args.model), "data": str(args.data)})
+    return train_lora(model, tokenizer, records, args.out, cfg,
+                      run_info={"model": str(args.model), "data": str(args.data)})
+
+
+def run(args: argparse.Namespace) -> int:
+    res = train_from_args(args)
     print(json.dumps({"checkpoints": [str(c) for c in res.checkpoints],
                       "epoch_mean_lr": res.epoch_lrs, "epoch_loss": res.losses}))
     return 0
