@@ -149,7 +149,9 @@ def resolve_spec(spec: str | Path, *, weights: bool = True) -> Source:
 # Hugging Face checkpoint directories
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`, or a G2ISError naming the file (missing, corrupt, not an
+    object)."""
     if not path.is_file():
         raise G2ISError(f"{path} does not exist")
     try:
@@ -164,7 +166,7 @@ def _read_json(path: Path) -> dict:
 def _hf_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     try:
-        return ModelConfig.from_hf(_read_json(path))
+        return ModelConfig.from_hf(read_json_object(path))
     except G2ISError as err:
         raise G2ISError(f"{path}: {err}") from err
     except (KeyError, TypeError, ValueError) as err:
@@ -175,7 +177,7 @@ def _hf_config(directory: Path) -> ModelConfig:
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise G2ISError(f"{index} has no 'weight_map'; the index file is corrupt")
         files = [directory / name for name in sorted(set(weight_map.values()))]

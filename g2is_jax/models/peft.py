@@ -33,6 +33,7 @@ from flax import nnx
 from g2is_jax.errors import G2ISError
 from g2is_jax.models.config import LORA_MODULES, LoraConfig
 from g2is_jax.models.llama import BASE_FILTER, Llama, LoRALinear, build_model
+from g2is_jax.models.loading import read_json_object
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -133,13 +134,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise G2ISError(f"{path} does not exist: {directory} is not a PEFT adapter directory "
                         f"(it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise G2ISError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise G2ISError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def _targets(spec: Any, path: Path) -> tuple[str, ...]:
