@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["TINY_CHAT_TEMPLATE", "TINY_DEFAULT_SYSTEM", "tiny_tokenizer"]
+__all__ = ["TINY_CHAT_TEMPLATE", "TINY_DEFAULT_SYSTEM", "random_hf_tensors", "tiny_tokenizer"]
 
 TINY_DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -88,3 +88,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=8192,
         clean_up_tokenization_spaces=False,
     )
+
+
+def random_hf_tensors(cfg, seed: int = 0) -> dict:
+    """Random weights of a model with config `cfg` under transformers' names, with norm scales
+    drawn around 1 (not all ones) so that every weight matters in a comparison."""
+    import numpy as np
+
+    from g2is_jax.models.convert import hf_tensors
+    from g2is_jax.models.llama import init_model
+
+    tensors = hf_tensors(init_model(cfg, seed=seed))
+    rng = np.random.default_rng(seed)
+    for k in tensors:
+        if k.endswith("norm.weight"):
+            tensors[k] = (1.0 + 0.1 * rng.standard_normal(tensors[k].shape)).astype(np.float32)
+    return tensors

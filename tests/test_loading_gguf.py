@@ -18,9 +18,9 @@ from g2is_jax.errors import G2ISError
 from g2is_jax.models import gguf as gguf_io
 from g2is_jax.models.config import ModelConfig, RopeScaling
 from g2is_jax.models.convert import hf_tensors
-from g2is_jax.models.llama import example_nll, init_model
+from g2is_jax.models.llama import example_nll
 from g2is_jax.models.loading import load_config, load_model, load_tokenizer
-from g2is_jax.testing import TINY_CHAT_TEMPLATE, tiny_tokenizer
+from g2is_jax.testing import TINY_CHAT_TEMPLATE, random_hf_tensors, tiny_tokenizer
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -120,13 +120,6 @@ def write_gguf(path: Path, cfg: ModelConfig, tensors, *, qtype=None, arch="llama
     return path
 
 
-def random_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    tensors = hf_tensors(init_model(cfg, seed=seed))
-    rng = np.random.default_rng(seed)
-    for k in tensors:
-        if k.endswith("norm.weight"):
-            tensors[k] = (1.0 + 0.1 * rng.standard_normal(tensors[k].shape)).astype(np.float32)
-    return tensors
 
 
 def stored(arr: np.ndarray, qtype) -> np.ndarray:
@@ -165,7 +158,7 @@ def torch_logits(model, ids, mask):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    tensors = random_tensors(CFG)
+    tensors = random_hf_tensors(CFG)
     return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", CFG, tensors), tensors
 
 
@@ -186,7 +179,7 @@ def test_permutation_is_inverted_exactly():
 def test_logits_match_the_original_checkpoint(tmp_path, qtype, tied):
     qt = gguf.GGMLQuantizationType[qtype]
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
-    tensors = random_tensors(cfg, seed=3)
+    tensors = random_hf_tensors(cfg, seed=3)
     path = write_gguf(tmp_path / f"m-{qtype}.gguf", cfg, tensors, qtype=qt)
     assert load_config(path) == cfg
     model, tok = load_model(path)
@@ -245,7 +238,7 @@ def test_tokenizer_matches_the_source_tokenizer(tiny_gguf):
 
 @pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2"])
 def test_pre_tokenizers_match_transformers_gguf_conversion(tmp_path, pre):
-    path = write_gguf(tmp_path / "t.gguf", CFG, random_tensors(CFG), pre=pre)
+    path = write_gguf(tmp_path / "t.gguf", CFG, random_hf_tensors(CFG), pre=pre)
     ours = load_tokenizer(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     for text in TEXTS:
@@ -253,7 +246,7 @@ def test_pre_tokenizers_match_transformers_gguf_conversion(tmp_path, pre):
 
 
 def test_smollm_pre_tokenizer_splits_every_digit(tmp_path):
-    path = write_gguf(tmp_path / "t.gguf", CFG, random_tensors(CFG), pre="smollm")
+    path = write_gguf(tmp_path / "t.gguf", CFG, random_hf_tensors(CFG), pre="smollm")
     tok = load_tokenizer(path)
     # Digits are isolated before GPT-2's regex runs, so a space run before a number stays one
     # piece (GPT-2's regex alone gives "Ġ" + "Ġ12"). SmolLM2's tokenizer.json and llama.cpp's
@@ -263,14 +256,14 @@ def test_smollm_pre_tokenizer_splits_every_digit(tmp_path):
 
 
 def test_add_bos_token(tmp_path):
-    path = write_gguf(tmp_path / "t.gguf", CFG, random_tensors(CFG), add_bos=True)
+    path = write_gguf(tmp_path / "t.gguf", CFG, random_hf_tensors(CFG), add_bos=True)
     tok = load_tokenizer(path)
     assert tok("Hello").input_ids[0] == 1
     assert tok("Hello").input_ids[1:] == tiny_tokenizer()("Hello").input_ids
 
 
 def test_missing_chat_template_falls_back_to_chatml(tmp_path):
-    path = write_gguf(tmp_path / "t.gguf", CFG, random_tensors(CFG), chat_template=False)
+    path = write_gguf(tmp_path / "t.gguf", CFG, random_hf_tensors(CFG), chat_template=False)
     text = load_tokenizer(path).apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False)
     assert text == "<|im_start|>user\nHi<|im_end|>\n"
@@ -309,7 +302,7 @@ def llama_cpp_rope_factors(theta, dim, factor=8.0, low=1.0, high=4.0, old_ctx=81
 
 def test_rope_scaling_from_metadata_and_rope_freqs(tmp_path):
     cfg = dataclasses.replace(CFG, rope_theta=500000.0, head_dim=32, num_heads=2, num_kv_heads=1)
-    tensors = random_tensors(cfg)
+    tensors = random_hf_tensors(cfg)
     linear = write_gguf(tmp_path / "linear.gguf", cfg, tensors, linear_rope=4.0)
     assert load_config(linear).rope_scaling == RopeScaling("linear", 4.0)
     factors = llama_cpp_rope_factors(cfg.rope_theta, cfg.head_dim)
@@ -351,13 +344,13 @@ def test_truncated_file(tiny_gguf, tmp_path):
      "cannot map.*attn_qkv"),
 ])
 def test_unsupported_files_are_refused(tmp_path, kwargs, match):
-    path = write_gguf(tmp_path / "x.gguf", CFG, random_tensors(CFG), **kwargs)
+    path = write_gguf(tmp_path / "x.gguf", CFG, random_hf_tensors(CFG), **kwargs)
     with pytest.raises(G2ISError, match=match):
         load_model(path)
 
 
 def test_missing_tensor(tmp_path):
-    tensors = random_tensors(CFG)
+    tensors = random_hf_tensors(CFG)
     del tensors["model.layers.1.mlp.gate_proj.weight"]
     path = write_gguf(tmp_path / "x.gguf", CFG, tensors)
     with pytest.raises(G2ISError, match="x.gguf lacks tensor.*layers.1.mlp.gate_proj"):

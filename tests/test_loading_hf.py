@@ -11,9 +11,8 @@ from g2is_jax.errors import G2ISError
 from g2is_jax.models import loading
 from g2is_jax.models.config import LoraConfig, ModelConfig
 from g2is_jax.models.convert import hf_tensors
-from g2is_jax.models.llama import init_model
 from g2is_jax.models.loading import load_config, load_model, load_tokenizer
-from g2is_jax.testing import tiny_tokenizer
+from g2is_jax.testing import random_hf_tensors, tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,14 +23,6 @@ CFG = ModelConfig(vocab_size=416, hidden_size=48, intermediate_size=80, num_laye
 TEXTS = ["Hello! How are you today?", "Sort these words: pear apple 12 + 30 = 42"]
 
 
-def checkpoint_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random weights with non-trivial norm scales, under transformers' names."""
-    tensors = hf_tensors(init_model(cfg, seed=seed))
-    rng = np.random.default_rng(seed)
-    for k in tensors:
-        if k.endswith("norm.weight"):
-            tensors[k] = (1.0 + 0.1 * rng.standard_normal(tensors[k].shape)).astype(np.float32)
-    return tensors
 
 
 def write_checkpoint(directory, cfg: ModelConfig, tensors, *, shards: int = 1, tokenizer=None):
@@ -58,7 +49,7 @@ def write_checkpoint(directory, cfg: ModelConfig, tensors, *, shards: int = 1, t
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    tensors = checkpoint_tensors(CFG)
+    tensors = random_hf_tensors(CFG)
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", CFG, tensors), tensors
 
 
@@ -70,7 +61,7 @@ def padded_batch(tokenizer):
 @pytest.mark.parametrize("shards,tied", [(1, False), (3, True)])
 def test_logits_match_transformers_from_the_same_directory(tmp_path, shards, tied):
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
-    directory = write_checkpoint(tmp_path / "ckpt", cfg, checkpoint_tensors(cfg, seed=shards),
+    directory = write_checkpoint(tmp_path / "ckpt", cfg, random_hf_tensors(cfg, seed=shards),
                                  shards=shards)
     model, tok = load_model(directory)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -94,7 +85,7 @@ def test_logits_match_transformers_from_the_same_directory(tmp_path, shards, tie
 def test_bfloat16_checkpoint_loads_exactly(tmp_path):
     import ml_dtypes
 
-    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in checkpoint_tensors(CFG).items()}
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in random_hf_tensors(CFG).items()}
     directory = write_checkpoint(tmp_path / "bf16", CFG, tensors)
     model, _ = load_model(directory)
     got = hf_tensors(model)
@@ -127,7 +118,7 @@ def test_pad_and_chat_template_are_filled_in(tmp_path):
     tok = tiny_tokenizer()
     tok.pad_token = None
     tok.chat_template = None
-    directory = write_checkpoint(tmp_path / "bare", CFG, checkpoint_tensors(CFG), tokenizer=tok)
+    directory = write_checkpoint(tmp_path / "bare", CFG, random_hf_tensors(CFG), tokenizer=tok)
     loaded = load_tokenizer(directory)
     assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
     text = loaded.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
@@ -268,6 +259,6 @@ def test_bad_checkpoints_get_a_clear_error(ckpt, mutate, match):
 
 def test_tokenizer_larger_than_the_vocabulary(tmp_path):
     cfg = dataclasses.replace(CFG, vocab_size=300)
-    directory = write_checkpoint(tmp_path / "small", cfg, checkpoint_tensors(cfg))
+    directory = write_checkpoint(tmp_path / "small", cfg, random_hf_tensors(cfg))
     with pytest.raises(G2ISError, match="tokenizer has 400 tokens.*only 300"):
         load_model(directory)
