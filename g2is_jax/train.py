@@ -107,10 +107,23 @@ def make_schedule(cfg: TrainConfig, total_updates: int) -> optax.Schedule:
                                 [warm])
 
 
-def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW without its learning rate, with `cfg.grad_accum`-step accumulation.
+
+    The step multiplies the update by -lr, the schedule's value passed in as a traced scalar
+    (optax.adamw = scale_by_adam → add_decayed_weights → scale by -lr), so the optimizer depends
+    only on (weight decay, accumulation): one object per pair, and one compiled step serves every
+    run that shares them (each fine-tune of a method comparison), not one compile per schedule.
+    """
+    return _optimizer(float(cfg.weight_decay), int(cfg.grad_accum))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(weight_decay: float, grad_accum: int) -> optax.GradientTransformation:
     # eps 1e-8 and b1/b2 as transformers' AdamW, whose moments LESS reads.
-    inner = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
-    return optax.MultiSteps(inner, every_k_schedule=cfg.grad_accum)
+    inner = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                        optax.add_decayed_weights(weight_decay))
+    return optax.MultiSteps(inner, every_k_schedule=grad_accum)
 
 
 def adam_moments(opt_state: Any) -> AdamMoments:
@@ -125,10 +138,13 @@ def adam_moments(opt_state: Any) -> AdamMoments:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
-def _train_step(graphdef, optimizer, lora, opt_state, base, batch, key):
+def _train_step(graphdef, optimizer, lora, opt_state, base, batch, key, lr):
     loss_fn = token_mean_loss(graphdef)
     loss, grads = jax.value_and_grad(loss_fn)(lora, base, batch, key)
+    # MultiSteps emits zeros until the accumulation's last micro-batch, which applies
+    # the schedule's lr at the update count (as optax's scale_by_learning_rate would).
     updates, opt_state = optimizer.update(grads, opt_state, lora)
+    updates = jax.tree_util.tree_map(lambda u: (-lr * u).astype(u.dtype), updates)
     return optax.apply_updates(lora, updates), opt_state, loss
 
 
@@ -179,7 +195,7 @@ def train_lora(model: Llama, tokenizer, records: Sequence[Record], out: str | Pa
                                shuffle_seed=cfg.seed))
     updates_per_epoch = max(n_micro // cfg.grad_accum, 1)
     schedule = make_schedule(cfg, updates_per_epoch * cfg.epochs)
-    optimizer = make_optimizer(cfg, schedule)
+    optimizer = make_optimizer(cfg)
     graphdef, base, lora = split_lora(model)
     opt_state = optimizer.init(lora)
 
@@ -205,14 +221,14 @@ def train_lora(model: Llama, tokenizer, records: Sequence[Record], out: str | Pa
         bar = progress_bar(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                            enabled=progress)
         for i, b in enumerate(bar):
-            count = int(opt_state.gradient_step)
+            lr = float(schedule(int(opt_state.gradient_step)))
             if (i + 1) % cfg.grad_accum == 0 or cfg.grad_accum == 1:
-                lrs.append(float(schedule(count)))
+                lrs.append(lr)
             batch = {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
                      "loss_mask": b.loss_mask}
             step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), i)
             lora, opt_state, loss = _train_step(graphdef, optimizer, lora, opt_state, base,
-                                                batch, step_key)
+                                                batch, step_key, np.float32(lr))
             ep_losses.append(float(loss))
             tokens += int(b.attention_mask.sum())
             bar.set_postfix(loss=f"{ep_losses[-1]:.3f}",
@@ -291,8 +307,7 @@ def load_checkpoint(model: Llama, ckpt: str | Path) -> tuple[Llama, AdamMoments,
     cfg = TrainConfig.from_json(meta["train_config"])
     model = with_lora(model, cfg.lora, seed=cfg.seed)
     graphdef, base, lora = split_lora(model)
-    schedule = make_schedule(cfg, 1)
-    opt_state = make_optimizer(cfg, schedule).init(lora)
+    opt_state = make_optimizer(cfg).init(lora)
     try:
         got = ocp.StandardCheckpointer().restore(ckpt / "state",
                                                  _abstract_state(lora, opt_state))
