@@ -80,6 +80,16 @@ _EXPORTS: dict[str, str] = {
     # evaluation
     "evaluate_records": "g2is_jax.evaluate",
     "exact_match": "g2is_jax.evaluate",
+    # the whole pipeline, its report and plots
+    "RunConfig": "g2is_jax.runconfig",
+    "load_run_config": "g2is_jax.runconfig",
+    "run_pipeline": "g2is_jax.pipeline",
+    "demo_config": "g2is_jax.demo",
+    "selection_quality": "g2is_jax.report",
+    "layout_2d": "g2is_jax.plots",
+    "plot_metric": "g2is_jax.plots",
+    "plot_walk": "g2is_jax.plots",
+    "plot_budgets": "g2is_jax.plots",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

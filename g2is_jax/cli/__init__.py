@@ -17,6 +17,7 @@ from g2is_jax.errors import G2ISError
 # Subcommand modules, in the order `g2is --help` lists them.
 _COMMANDS = (
     "demo",
+    "run",
     "suite",
     "data_check",
     "evaluate",

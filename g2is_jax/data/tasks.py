@@ -31,6 +31,7 @@ whatever the seeds. Prompts are distinct within a split.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -398,6 +399,11 @@ def build_target(
     return out[0], out[1]
 
 
+def _with_system(records: Sequence[Record], system: str) -> list[Record]:
+    return [dataclasses.replace(r, messages=(Message("system", system), *r.messages))
+            for r in records]
+
+
 @dataclass(frozen=True)
 class SuiteFiles:
     """Paths written by `suite`."""
@@ -421,10 +427,18 @@ def suite(
     target_share: float | None = None,
     conflict_share: float = 0.2,
     distractor_share: float = 0.3,
+    system: str | None = None,
 ) -> SuiteFiles:
     """Write ``pool.jsonl``, ``{domain}.dev.jsonl``, ``{domain}.test.jsonl`` for every domain and
     ``suite.json`` (the arguments and per-file counts) to ``out_dir``. Everything is built before
-    anything is written, and each file is written atomically."""
+    anything is written, and each file is written atomically.
+
+    ``system``, when given, becomes every record's system message. Chat templates that insert a
+    default system prompt otherwise (SmolLM2's is ~20 tokens) then use this one instead, which
+    shortens every record.
+    """
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise G2ISError(f"system must be a non-empty string or None, got {system!r}")
     pool = build_pool(
         n_pool,
         seed=seed,
@@ -435,6 +449,10 @@ def suite(
         distractor_share=distractor_share,
     )
     targets = {d: build_target(d, n_dev=n_dev, n_test=n_test, seed=seed) for d in domains}
+    if system is not None:
+        pool = _with_system(pool, system)
+        targets = {d: (_with_system(dev, system), _with_system(test, system))
+                   for d, (dev, test) in targets.items()}
     root = Path(out_dir)
     files = SuiteFiles(
         root=root,
@@ -454,6 +472,7 @@ def suite(
         "target_share": target_share,
         "conflict_share": conflict_share,
         "distractor_share": distractor_share,
+        "system": system,
         "pool_counts": dict(sorted(counts.items())),
     }
     tmp = root / ".suite.json.tmp"
