@@ -80,6 +80,11 @@ _EXPORTS: dict[str, str] = {
     # evaluation
     "evaluate_records": "g2is_jax.evaluate",
     "exact_match": "g2is_jax.evaluate",
+    # scaling out over a device mesh and several processes
+    "parse_mesh": "g2is_jax.sharding",
+    "make_mesh": "g2is_jax.sharding",
+    "initialize_distributed": "g2is_jax.sharding",
+    "merge_shards": "g2is_jax.store",
     # the whole pipeline, its report and plots
     "RunConfig": "g2is_jax.runconfig",
     "load_run_config": "g2is_jax.runconfig",

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import shutil
 import struct
 import zlib
 from collections.abc import Collection, Sequence
@@ -104,8 +106,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _npy_header(n: int, dim: int) -> bytes:
     """The exact header ``np.save`` writes for a C-order (n, dim) float32 array."""
-    import io
-
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         buf, {"descr": DTYPE.str, "fortran_order": False, "shape": (n, dim)}
@@ -522,3 +522,78 @@ def load_features(
             "the store is damaged: recompute it with --overwrite"
         )
     return features, meta
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+SHARD_ROWS = "rows.npy"  # in a shard store: the merged store's row of each of its rows
+SHARD_KEY = "shard"  # a shard store's meta key describing its place in the run
+
+
+def save_shard_rows(directory: str | os.PathLike[str], rows: np.ndarray) -> None:
+    """Record, next to a shard store, which rows of the merged store its rows are."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(rows, dtype="<i8"), allow_pickle=False)
+    _atomic_write(Path(directory) / SHARD_ROWS, buf.getvalue())
+
+
+def merge_shards(out: str | os.PathLike[str], shard_dirs: Sequence[str | os.PathLike[str]],
+                 *, chunk_rows: int = 4096, remove: bool = True) -> Path:
+    """Merge finished shard stores (each one process's rows of a multi-process run, with its
+    ``rows.npy``) into one finished store in `out`, identical to a single-process run's.
+
+    The merged meta.json is the shards' common meta with the record ids put back in row order.
+    The shards must cover every row exactly once and agree on everything else; `remove` deletes
+    them once the merged store is published. Any previous store in `out` is replaced.
+    """
+    if not shard_dirs:
+        raise G2ISError("no shard stores to merge")
+    parts = []
+    for d in map(Path, shard_dirs):
+        feats, meta = load_features(d, mmap=True)
+        try:
+            rows = np.load(d / SHARD_ROWS, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise G2ISError(f"cannot read {d / SHARD_ROWS} ({e}); recompute that shard") from e
+        if rows.shape != (feats.shape[0],):
+            raise G2ISError(f"{d / SHARD_ROWS} lists {rows.shape[0]} rows for "
+                            f"{feats.shape[0]} features; recompute that shard")
+        parts.append((d, feats, meta, rows.astype(np.int64)))
+
+    def common(meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in meta.items()
+                if k not in (*STORE_KEYS, SHARD_KEY, "record_ids")}
+
+    first = common(parts[0][2])
+    n = sum(p[1].shape[0] for p in parts)
+    seen = np.zeros(n, dtype=bool)
+    ids: list[Any] = [None] * n
+    for d, feats, meta, rows in parts:
+        diffs = _diff(first, common(meta), "")
+        if diffs:
+            raise G2ISError(f"shard {d} was computed with another configuration than "
+                            f"{parts[0][0]}:\n  " + "\n  ".join(diffs))
+        if rows.size and (rows.min() < 0 or rows.max() >= n or seen[rows].any()):
+            raise G2ISError(f"shard {d} holds rows outside 0..{n - 1} or rows another shard "
+                            "holds; merge the shards of one run only")
+        seen[rows] = True
+        if meta.get("record_ids") is not None:
+            for r, rid in zip(rows, meta["record_ids"]):
+                ids[r] = rid
+    meta = dict(parts[0][2])
+    for k in (*STORE_KEYS, SHARD_KEY):
+        meta.pop(k, None)
+    if "record_ids" in meta:
+        meta["record_ids"] = ids
+    with open_store(out, meta, n, int(parts[0][1].shape[1]), overwrite=True) as store:
+        for _, feats, _, rows in parts:
+            for s in range(0, rows.size, chunk_rows):
+                store.write(rows[s : s + chunk_rows], feats[s : s + chunk_rows])
+        path = store.finalize()
+    if remove:
+        for d, *_ in parts:
+            shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(parts[0][0]).parent.rmdir()  # the shards/ folder, once empty
+    return path

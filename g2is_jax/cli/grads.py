@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from g2is_jax.cli import _scale
 from g2is_jax.errors import G2ISError
 
 
@@ -21,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "adam: m'/sqrt(v'+eps) with the checkpoint's moments, for the pool; sign), projects it "
         "to --dim dimensions inside the same program and writes OUT/features.npy (row i = "
         "record i) and OUT/meta.json. Killed and re-run with the same command, it resumes; a "
-        "changed input or setting is refused.",
+        "changed input or setting is refused. Batches are split over every device of the "
+        "--mesh; with several processes each writes its rows to OUT/shards/ and process 0 "
+        "merges them into the same OUT/features.npy one process writes.",
     )
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (default), a .gguf file, or a Hugging Face checkpoint dir")
@@ -42,10 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing (finished or partial) store in --out")
+    _scale.add_arguments(p, fsdp=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from g2is_jax.data import load_records
     from g2is_jax.featurize import compute_features
     from g2is_jax.models.loading import load_model
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise G2ISError("--gradient adam needs a warmup --checkpoint (it holds Adam's moments); "
                         "a PEFT adapter has none: use --gradient sgd or sign")
     projector = Projector(kind=args.projection, dim=args.dim, seed=args.seed)
+    mesh = _scale.setup(args)
     records = load_records(args.data)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     meta = {"model": str(args.model), "data": str(Path(args.data).absolute()),
@@ -80,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         meta.update(adapter=str(Path(args.adapter).absolute()), checkpoint_lr=None)
     path = compute_features(model, tokenizer, records, args.out, gradient=args.gradient,
                             projector=projector, moments=moments, batch_size=args.batch_size,
-                            max_length=args.max_length, meta=meta, overwrite=args.overwrite)
-    print(json.dumps({"features": str(path), "n": len(records)}))
+                            max_length=args.max_length, meta=meta, overwrite=args.overwrite,
+                            mesh=mesh)
+    if jax.process_index() == 0:
+        print(json.dumps({"features": str(path), "n": len(records)}))
     return 0

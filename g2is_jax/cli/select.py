@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from g2is_jax.cli import _scale
 from g2is_jax.errors import G2ISError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ def register(subparsers: Any) -> None:
             "checkpoint_lr); G2IS walks on the checkpoints' normalised features concatenated "
             "with sqrt(lr weight) scaling, so dot products become lr-weighted cosine sums. "
             "Writes OUT/selection.json ({indices, per_component, config, ...}) and, with "
-            "--data, OUT/selected.jsonl: the selected lines, unchanged, in selection order."
+            "--data, OUT/selected.jsonl: the selected lines, unchanged, in selection order. "
+            "The g2is walk splits T's rows over every device of the --mesh (and of every "
+            "process); the selection is the same as on one device."
         ),
     )
     p.add_argument(
@@ -139,6 +142,7 @@ def register(subparsers: Any) -> None:
         "OUT/selected.jsonl with the selected lines unchanged",
     )
     p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    _scale.add_arguments(p, fsdp=False)
     p.set_defaults(func=run)
 
 
@@ -156,7 +160,7 @@ def _storage(array: Any, dtype: str) -> Any:
     return np.asarray(array, dtype)
 
 
-def _select(args: argparse.Namespace, train: list, val: list, weights: np.ndarray):
+def _select(args: argparse.Namespace, train: list, val: list, weights: np.ndarray, mesh: Any):
     from g2is_jax import select as sel
     from g2is_jax.select import features as feats
 
@@ -209,13 +213,17 @@ def _select(args: argparse.Namespace, train: list, val: list, weights: np.ndarra
         anchor_pool=args.anchor_pool,
         mode=args.mode,
         graph=graph,
+        mesh=mesh,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from g2is_jax import __version__
     from g2is_jax.select import features as feats
 
+    mesh = _scale.setup(args)
     train = feats.load_checkpoints(args.train_features, role="train")
     val = feats.load_checkpoints(args.val_features, role="validation")
     feats.check_pairing(train, val)
@@ -224,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
         lines = feats.read_jsonl_lines(args.data)
         feats.check_data_matches(lines, train[0], args.data)
     weights = feats.checkpoint_weights(train)
-    result = _select(args, train, val, weights)
+    result = _select(args, train, val, weights, mesh)
+    if jax.process_index() != 0:  # every process ran the same selection; one writes it
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
