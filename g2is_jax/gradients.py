@@ -2,7 +2,10 @@
 
 The loss is written for ONE example (`g2is_jax.models.lora.completion_loss`); `jax.vmap` of
 `jax.grad` over a padded batch gives every record's gradient in one compiled program, and a
-padding row (all-zero masks) has loss 0 and gradient 0. Features, as LESS defines them:
+padding row (all-zero masks) has loss 0 and gradient 0. Batches from `make_batches` carry the
+positions of their loss tokens (``target_index`` / ``target_mask``), and the loss then runs the
+LM head at those positions only (the same gradients, ~15% less arithmetic on SmolLM2).
+Features, as LESS defines them:
 
 - ``sgd``: the raw gradient g (target validation examples);
 - ``adam``: the step Adam would take from the checkpoint's moments m, v (pool examples):

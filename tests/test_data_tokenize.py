@@ -16,7 +16,7 @@ from g2is_jax.data import (
     length_buckets,
     make_batches,
 )
-from g2is_jax.data.tokenize import Encoded
+from g2is_jax.data.tokenize import Encoded, target_slot_count, target_slots
 from g2is_jax.errors import G2ISError
 from g2is_jax.testing import TINY_DEFAULT_SYSTEM, tiny_tokenizer
 
@@ -310,6 +310,8 @@ def test_make_batches_bucketed_and_input_order():
         "input_ids",
         "attention_mask",
         "loss_mask",
+        "target_index",
+        "target_mask",
     }
 
 
@@ -374,3 +376,35 @@ def test_real_records_batch_end_to_end():
         encoded, batch_size=4, buckets=length_buckets(128, min_length=32), pad_id=TOK.pad_token_id
     )
     _check_batches(encoded, batches, 4, length_buckets(128, min_length=32), TOK.pad_token_id)
+
+
+def test_target_slot_count_buckets():
+    assert [target_slot_count(n, 64) for n in (0, 5, 16, 17, 32, 33, 63)] == [
+        16, 16, 16, 32, 32, 64, 64]
+    # Three values of K per bucket at most: L/4, L/2, L.
+    assert {target_slot_count(n, 2048) for n in range(2048)} == {512, 1024, 2048}
+    assert target_slot_count(0, 16) == 8 and target_slot_count(3, 4) == 4  # min 8, cap at L
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.floats(0, 1), min_size=6, max_size=6), min_size=1, max_size=5))
+def test_target_slots_list_every_loss_position_in_order(rows):
+    lmask = (np.asarray(rows, np.float32) > 0.5) * np.asarray(rows, np.float32)
+    index, mask = target_slots(lmask, min_slots=2)
+    assert index.dtype == np.int32 and mask.dtype == np.float32 and index.shape == mask.shape
+    n = (lmask[:, 1:] > 0).sum(axis=1)
+    assert index.shape[1] == target_slot_count(int(n.max()), 6, min_slots=2)
+    for b in range(lmask.shape[0]):
+        want = np.flatnonzero(lmask[b, 1:] > 0) + 1  # position 0 is never a target
+        np.testing.assert_array_equal(index[b, : n[b]], want)
+        np.testing.assert_array_equal(mask[b, : n[b]], lmask[b, want])
+        assert (index[b, n[b]:] == 0).all() and (mask[b, n[b]:] == 0).all()
+
+
+def test_make_batches_carry_target_slots():
+    encoded = _fake([5, 70, 3, 64, 65, 130, 8, 1, 200])
+    for b in make_batches(encoded, batch_size=2, buckets=(64, 128, 256), pad_id=2):
+        index, mask = target_slots(b.loss_mask)
+        np.testing.assert_array_equal(b.target_index, index)
+        np.testing.assert_array_equal(b.target_mask, mask)
+        assert b.target_index.shape[1] >= b.loss_mask.sum(axis=1).max()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from g2is_jax.data.tokenize import Encoded, make_batches, target_slots
 from g2is_jax.gradients import (
     AdamMoments,
     adam_features,
@@ -64,6 +65,63 @@ def test_vmap_matches_loop_with_padding(setup):
         single = grad1(lora, base, ex)
         chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], batched), single,
                                     rtol=1e-5, atol=1e-7)
+
+
+def with_targets(batch):
+    index, mask = target_slots(batch["loss_mask"])
+    return {**batch, "target_index": index, "target_mask": mask}
+
+
+def test_target_slots_give_the_full_head_gradients(setup):
+    # The fast path (LM head at the K loss positions only) against the plain one (head at every
+    # position, then the loss mask): same per-example gradients on a padded batch of mixed
+    # lengths, with completions longer than the smallest K (8 = 32 / 4) and a padding row.
+    graphdef, base, lora = setup
+    loss = completion_loss(graphdef)
+    lengths = [30, 4, 12, 19, 1]
+    batch = make_batch(lengths, width=32, prompt_len=2, seed=5)
+    batch["loss_mask"][4] = 0
+    batch["attention_mask"][4] = 0
+    batch["loss_mask"][3, 8:12] = 0  # two completion spans (a multi-turn record)
+    fast = with_targets(batch)
+    assert fast["target_index"].shape == (5, 32)  # 28 targets in row 0
+    assert int(fast["target_mask"].sum(axis=1).max()) > 16
+    grads = jax.jit(per_example_grads(loss))
+    want = grads(lora, base, batch)
+    got = grads(lora, base, fast)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    rows = np.asarray(flatten_per_example(got))
+    assert np.abs(rows[4]).max() == 0 and np.abs(rows[:4]).max(axis=1).min() > 0
+    values = jax.vmap(loss, in_axes=(None, None, 0))
+    np.testing.assert_allclose(values(lora, base, fast), values(lora, base, batch), rtol=1e-6)
+
+
+def test_make_batches_targets_match_unpadded_single_records(setup):
+    # Batches as `g2is grads` builds them (make_batches adds the target slots), each record's
+    # fast-path gradient against its own plain gradient, unpadded.
+    graphdef, base, lora = setup
+    rng = np.random.default_rng(7)
+    encoded = []
+    for n, start in [(14, 2), (5, 3), (11, 9), (16, 1), (7, 4)]:
+        mask = np.zeros(n, bool)
+        mask[start:] = True
+        encoded.append(Encoded(rng.integers(1, CFG.vocab_size, n).astype(np.int32), mask, False))
+    (b1, b2) = make_batches(encoded, batch_size=3, buckets=(8, 16), pad_id=0)
+    loss = completion_loss(graphdef)
+    grads = jax.jit(per_example_grads(loss))
+    grad1 = jax.jit(jax.grad(loss))
+    for b in (b1, b2):
+        arrays = b.arrays()
+        assert {"target_index", "target_mask"} <= set(arrays)
+        got = grads(lora, base, arrays)
+        for r, i in enumerate(b.indices):
+            if i < 0:
+                continue
+            e = encoded[i]
+            ex = {"input_ids": e.input_ids, "attention_mask": np.ones(e.length, np.int32),
+                  "loss_mask": e.loss_mask.astype(np.float32)}
+            chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x, r=r: x[r], got),
+                                        grad1(lora, base, ex), rtol=1e-5, atol=1e-6)
 
 
 def test_padding_row_has_zero_gradient(setup):

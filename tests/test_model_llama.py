@@ -7,10 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from g2is_jax.data.tokenize import target_slots
 from g2is_jax.models.config import LoraConfig, ModelConfig, RopeScaling
 from g2is_jax.models.convert import hf_tensors, load_hf_tensors
-from g2is_jax.models.llama import KVCache, example_nll, init_model, with_lora
-from g2is_jax.models.lora import completion_loss, split_lora
+from g2is_jax.models.llama import (
+    KVCache,
+    example_nll,
+    init_model,
+    target_hidden,
+    target_nll,
+    with_lora,
+)
+from g2is_jax.models.lora import batch_nll, completion_loss, split_lora, token_mean_loss
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -130,6 +138,46 @@ def test_loss_masks_prompt_and_pad_tokens():
 def test_example_nll_empty_mask_is_zero():
     logits = jnp.zeros((1, 4, 5))
     assert float(example_nll(logits, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4)))[0]) == 0.0
+
+
+def test_target_nll_equals_example_nll():
+    # The loss from the logits at the target slots only equals the loss from all logits, with
+    # gaps in the mask (several completion spans), empty rows, and a mask set at position 0
+    # (ignored by both: nothing predicts token 0).
+    rng = np.random.default_rng(8)
+    b, length, vocab = 4, 20, 13
+    logits = rng.standard_normal((b, length, vocab)).astype(np.float32)
+    ids = rng.integers(0, vocab, (b, length)).astype(np.int32)
+    lmask = (rng.random((b, length)) < 0.4).astype(np.float32)
+    lmask[0, 0] = 1.0
+    lmask[2] = 0.0
+    index, tmask = target_slots(lmask)
+    assert index.shape[1] >= int(lmask[:, 1:].sum(axis=1).max())
+    gathered = target_hidden(jnp.asarray(logits), jnp.asarray(index))
+    got = np.asarray(target_nll(gathered, ids, index, tmask))
+    want = np.asarray(example_nll(jnp.asarray(logits), ids, lmask))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert got[2] == 0.0
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied"])
+def test_loss_with_target_slots_equals_full_head(name):
+    cfg = CASES[name]
+    model = init_model(cfg, LoraConfig(rank=4, alpha=8.0, dropout=0.1), seed=7)
+    graphdef, base, lora = split_lora(model)
+    rng = np.random.default_rng(9)
+    ids, mask = random_batch(rng, cfg.vocab_size, [11, 7, 3, 12], 12)
+    lmask = ((rng.random(mask.shape) < 0.6) & (mask > 0)).astype(np.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": lmask}
+    index, tmask = target_slots(lmask)
+    fast = {**batch, "target_index": index, "target_mask": tmask}
+    np.testing.assert_allclose(np.asarray(batch_nll(graphdef, lora, base, fast)),
+                               np.asarray(batch_nll(graphdef, lora, base, batch)), rtol=1e-6)
+    # The training objective too, with dropout (same key, same mask draws).
+    key = jax.random.key(3)
+    loss = token_mean_loss(graphdef)
+    assert float(loss(lora, base, fast, key)) == pytest.approx(
+        float(loss(lora, base, batch, key)), rel=1e-6)
 
 
 def test_kv_cache_decoding_matches_full_forward():

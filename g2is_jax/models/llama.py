@@ -301,6 +301,29 @@ def example_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -
     return jnp.sum(tok * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
 
 
+def target_hidden(hidden: jax.Array, target_index: jax.Array) -> jax.Array:
+    """The hidden states [B, K, H] that predict the tokens at `target_index` [B, K]: those at
+    positions target_index - 1 (position 0 for an empty slot, whose index is 0)."""
+    source = jnp.maximum(target_index - 1, 0)
+    return jnp.take_along_axis(hidden, source[..., None], axis=-2)
+
+
+def target_nll(logits: jax.Array, input_ids: jax.Array, target_index: jax.Array,
+               target_mask: jax.Array) -> jax.Array:
+    """`example_nll` from the logits at the loss positions only.
+
+    logits[..., k, :] predicts input_ids[..., target_index[k]] (they come from the hidden state
+    at target_index[k] - 1, see `target_hidden`); `target_mask[k]` weighs that term (0 for an
+    empty slot). Returns one value per row (0 for a row with no target), equal to `example_nll`
+    of the full logits when the slots list every position t >= 1 of the loss mask.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    labels = jnp.take_along_axis(input_ids, target_index, axis=-1)
+    tok = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    m = target_mask.astype(jnp.float32)
+    return jnp.sum(tok * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
 def init_model(config: ModelConfig, lora: LoraConfig | None = None, *, seed: int = 0,
                dtype: str = "float32") -> Llama:
     """A randomly initialised model (weights N(0, 0.02), LoRA B = 0)."""
@@ -359,5 +382,7 @@ __all__ = [
     "init_lora_state",
     "init_model",
     "rope_inv_freq",
+    "target_hidden",
+    "target_nll",
     "with_lora",
 ]

@@ -3,6 +3,12 @@
 Everything downstream (warmup training, per-example gradients, evaluation) works on
 ``loss(lora, base, example)``: the base state is an argument like any other array pytree but is
 never differentiated, so gradients, optimizer state and checkpoints hold the adapters only.
+
+A batch (or example) that carries ``target_index`` / ``target_mask`` (`make_batches` adds them,
+see `g2is_jax.data.tokenize.target_slots`) runs the LM head only at its K loss positions; one
+without them runs it at every position. Both give the same loss: the mean NLL of the completion
+tokens. The first is the fast path for per-example gradients, where only ~12% of the tokens are
+completion tokens and the head is a fifth of a small model's arithmetic.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from g2is_jax.models.llama import Llama, example_nll
+from g2is_jax.models.llama import Llama, example_nll, target_hidden, target_nll
 
-Example = Mapping[str, jax.Array]  # input_ids [L], attention_mask [L], loss_mask [L]
+# input_ids [L], attention_mask [L], loss_mask [L]; optionally target_index [K], target_mask [K]
+Example = Mapping[str, jax.Array]
+EXAMPLE_KEYS = ("input_ids", "attention_mask", "loss_mask", "target_index", "target_mask")
 
 
 def split_lora(model: Llama) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -30,10 +38,23 @@ def merge_lora(graphdef: nnx.GraphDef, base: nnx.State, lora: nnx.State) -> Llam
 
 def batch_nll(graphdef: nnx.GraphDef, lora: nnx.State, base: nnx.State, batch: Example,
               dropout_key: jax.Array | None = None) -> jax.Array:
-    """Per-row mean completion-token NLL [B] of a padded batch."""
-    model = merge_lora(graphdef, base, lora)
-    logits = model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key)
-    return example_nll(logits, batch["input_ids"], batch["loss_mask"])
+    """Per-row mean completion-token NLL [B] of a padded batch (the LM head at the batch's
+    ``target_index`` positions when it has them, else at every position)."""
+    return _nll_and_count(merge_lora(graphdef, base, lora), batch, dropout_key)[0]
+
+
+def _nll_and_count(model: Llama, batch: Example, dropout_key: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Per-row mean NLL [B] and per-row loss weight (token count) [B]."""
+    ids = batch["input_ids"]
+    if "target_index" in batch:
+        hidden, _ = model.hidden_states(ids, batch["attention_mask"], dropout_key=dropout_key)
+        index, mask = batch["target_index"], batch["target_mask"]
+        logits = model.logits(target_hidden(hidden, index))
+        return target_nll(logits, ids, index, mask), jnp.sum(mask.astype(jnp.float32), axis=-1)
+    logits = model(ids, batch["attention_mask"], dropout_key=dropout_key)
+    n_tok = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32), axis=-1)
+    return example_nll(logits, ids, batch["loss_mask"]), n_tok
 
 
 def completion_loss(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
@@ -41,13 +62,13 @@ def completion_loss(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
 
     The mean cross-entropy over the example's completion tokens, as LESS computes it; written
     for one example so that `jax.vmap(jax.grad(loss), in_axes=(None, None, 0))` gives
-    per-example gradients.
+    per-example gradients. An example with ``target_index`` / ``target_mask`` [K] runs the LM
+    head at those K positions only (same loss, less arithmetic).
     """
 
     def loss(lora: nnx.State, base: nnx.State, example: Example,
              dropout_key: jax.Array | None = None) -> jax.Array:
-        batch = {k: jnp.asarray(example[k])[None] for k in
-                 ("input_ids", "attention_mask", "loss_mask")}
+        batch = {k: jnp.asarray(example[k])[None] for k in EXAMPLE_KEYS if k in example}
         return batch_nll(graphdef, lora, base, batch, dropout_key)[0]
 
     return loss
@@ -58,10 +79,7 @@ def token_mean_loss(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
     batch (the training objective of transformers' Trainer, which LESS's warmup uses)."""
 
     def loss(lora, base, batch, dropout_key=None):
-        model = merge_lora(graphdef, base, lora)
-        logits = model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key)
-        per_row = example_nll(logits, batch["input_ids"], batch["loss_mask"])
-        n_tok = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32), axis=-1)
+        per_row, n_tok = _nll_and_count(merge_lora(graphdef, base, lora), batch, dropout_key)
         return jnp.sum(per_row * n_tok) / jnp.maximum(jnp.sum(n_tok), 1.0)
 
     return loss
