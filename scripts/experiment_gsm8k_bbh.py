@@ -7,9 +7,11 @@ bbh:<task>] [--out runs/real] [--pool-size 400] [--methods g2is,less,random] [--
 The pool mixes the sources evenly: GSM8K's train split and each of the BBH task files (22
 sources). The target's validation examples (`--n-dev`) and test examples (`--n-test`) are drawn
 first and kept out of the pool: for GSM8K from its train and test splits, for a BBH task from
-its one file. Every pool record carries `meta.domain` (`gsm8k` or `bbh/<task>`), so the report
-also scores each selection against its source (precision = the share taken from the target's
-own source). BBH records keep the benchmark's canary string in `meta.canary`.
+its one file. Records longer than --max-length tokens are left out (a cut answer would train
+and score on part of the answer). Every pool record carries `meta.domain` (`gsm8k` or
+`bbh/<task>`), so the report also scores each selection against its source (precision = the
+share taken from the target's own source). BBH records keep the benchmark's canary string in
+`meta.canary`.
 
 The derived files are written to OUT/data (never into the repository); the data directory is
 only read. Without it the script says so and exits 0 (nothing to run on a fresh machine).
@@ -58,21 +60,41 @@ def _record(row: dict) -> dict:
     return out
 
 
+def _fitting(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """The rows whose whole chat-formatted record fits in max_length tokens (so no completion
+    is cut: a truncated record would train and score on part of its answer)."""
+    from g2is_jax.data.formats import convert_record
+    from g2is_jax.data.tokenize import encode_record
+
+    keep = []
+    for row in rows:
+        rec = convert_record(_record(row), index=0, source=row["id"])
+        if len(encode_record(rec, tokenizer, max_length=1 << 20).input_ids) <= max_length:
+            keep.append(row)
+    return keep
+
+
 def build_files(data: Path, out: Path, *, target: str, pool_size: int, n_dev: int,
-                n_test: int, seed: int) -> dict[str, Path]:
-    """Write OUT/pool.jsonl, OUT/dev.jsonl, OUT/test.jsonl; return their paths."""
+                n_test: int, seed: int, tokenizer=None, max_length: int | None = None
+                ) -> dict[str, Path]:
+    """Write OUT/pool.jsonl, OUT/dev.jsonl, OUT/test.jsonl; return their paths. With a tokenizer
+    and max_length, records longer than max_length tokens are left out everywhere."""
     rng = np.random.default_rng(seed)
     tasks = sorted(p.stem for p in (data / "bbh").glob("*.json"))
-    sources: dict[str, list[dict]] = {"gsm8k": _gsm8k(data / "gsm8k", "train")}
+
+    def fit(rows: list[dict]) -> list[dict]:
+        return rows if tokenizer is None else _fitting(rows, tokenizer, max_length)
+
+    sources: dict[str, list[dict]] = {"gsm8k": fit(_gsm8k(data / "gsm8k", "train"))}
     for t in tasks:
-        sources[f"bbh/{t}"] = _bbh(data / "bbh", t)
+        sources[f"bbh/{t}"] = fit(_bbh(data / "bbh", t))
     if target == "gsm8k":
         key = "gsm8k"
         train = sources[key]
         order = rng.permutation(len(train))
         dev = [train[i] for i in order[:n_dev]]
         sources[key] = [train[i] for i in order[n_dev:]]
-        test_rows = _gsm8k(data / "gsm8k", "test")
+        test_rows = fit(_gsm8k(data / "gsm8k", "test"))
         test = [test_rows[i] for i in np.sort(rng.permutation(len(test_rows))[:n_test])]
     elif target.startswith("bbh:"):
         key = "bbh/" + target[4:]
@@ -129,13 +151,15 @@ def main(argv=None) -> int:
         print(f"skipped: no GSM8K/BBH files under {args.data} (pass --data)")
         return 0
 
+    from g2is_jax.models.loading import load_tokenizer
     from g2is_jax.pipeline import run_pipeline
     from g2is_jax.report import format_report
     from g2is_jax.runconfig import load_run_config
 
     files = build_files(args.data, args.out / "data", target=args.target,
                         pool_size=args.pool_size, n_dev=args.n_dev, n_test=args.n_test,
-                        seed=args.seed)
+                        seed=args.seed, tokenizer=load_tokenizer(args.model),
+                        max_length=args.max_length)
     domain = "gsm8k" if args.target == "gsm8k" else "bbh/" + args.target[4:]
     overrides = [
         f"model={args.model}", f"max_length={args.max_length}",

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--target", default="arithmetic", help="target domain of the suite")
-    p.add_argument("--n-pool", type=int, default=800, help="pool size (default 800)")
+    p.add_argument("--n-pool", type=int, default=500, help="pool size (default 500)")
     p.add_argument("--ratio", type=float, default=0.05, help="selection budget (default 0.05)")
     p.add_argument("--dim", type=int, default=8192, help="projection dim (default 8192)")
     p.add_argument("--seed", type=int, default=0)
