@@ -41,7 +41,13 @@ from g2is_jax.data import Batch, Record, encode_records, length_buckets, make_ba
 from g2is_jax.errors import G2ISError
 from g2is_jax.gradients import AdamMoments, feature_fn
 from g2is_jax.models.llama import Llama
-from g2is_jax.models.lora import completion_loss, count_params, merge_lora, split_lora
+from g2is_jax.models.lora import (
+    LORA_FLAT_ORDER,
+    completion_loss,
+    count_params,
+    merge_lora,
+    split_lora,
+)
 from g2is_jax.progress import progress_bar
 from g2is_jax.projection import Projector, flatten_per_example
 from g2is_jax.store import FEATURES, merge_shards, open_store, save_shard_rows
@@ -110,6 +116,7 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         "gradient": gradient,
         "projection": projector.describe(),
         "lora_params": n_params,
+        "lora_flat_order": LORA_FLAT_ORDER,  # rows of another column order must not mix
         "model_dtype": model.dtype_name,
         "batch_size": batch_size,
         "max_length": max_length,

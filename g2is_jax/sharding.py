@@ -10,8 +10,9 @@ device on ``data``). Every program that scales is one jitted function whose inpu
   (`row_sharding`): with FSDP each device still holds its own examples, as in ZeRO-3, and the
   weights are gathered layer by layer where they are used;
 * base weights are sharded over ``fsdp`` on their largest divisible matrix axis
-  (`fsdp_shardings`); the leading axis of a weight stacked for the layer `lax.scan` is never
-  split, so the scan slices one layer locally; everything else is replicated;
+  (`fsdp_shardings`); the leading layer axis of the decoder's stacked weights (everything under
+  ``layers``) is never split, so the layer `lax.scan` slices one layer locally; everything else
+  is replicated;
 * row counts are padded to a multiple of the device count (`pad_rows`) so every device runs the
   same static shape (a TPU compiles one program per length bucket, not per batch).
 
@@ -39,6 +40,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.models.llama import LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +147,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def fsdp_axis(shape: tuple[int, ...], fsdp: int) -> int | None:
+def fsdp_axis(shape: tuple[int, ...], fsdp: int, *, leading: int = 0) -> int | None:
     """The axis of a weight to split over ``fsdp`` devices, or None to replicate it.
 
-    Only the two trailing (matrix) axes are candidates, so a weight stacked for the layer scan
-    keeps its layer axis whole; of those, the largest divisible one (the later on a tie).
-    Vectors (norm scales, biases) are replicated: they are small.
+    The first `leading` axes (a stacked weight's layer axis) are never split, so the layer
+    `lax.scan` slices one layer locally. Of the rest, only the two trailing (matrix) axes are
+    candidates; of those, the largest divisible one (the later on a tie). Vectors (norm
+    scales, biases; stacked or not) are replicated: they are small.
     """
-    if fsdp <= 1 or len(shape) < 2:
+    if fsdp <= 1 or len(shape) - leading < 2:
         return None
     candidates = [a for a in (len(shape) - 2, len(shape) - 1) if shape[a] % fsdp == 0]
     if not candidates:
@@ -160,19 +163,26 @@ def fsdp_axis(shape: tuple[int, ...], fsdp: int) -> int | None:
     return max(candidates, key=lambda a: (shape[a], a))
 
 
+def _stacked(path: tuple) -> bool:
+    """Whether the leaf at `path` carries the model's leading layer axis (it lies under the
+    decoder's ``layers`` node, see `g2is_jax.models.llama.LAYERS`)."""
+    return any(getattr(k, "key", getattr(k, "name", None)) == LAYERS for k in path)
+
+
 def fsdp_shardings(tree: Any, mesh: Mesh) -> Any:
-    """A pytree of `NamedSharding`s for `tree`'s leaves (see `fsdp_axis`)."""
+    """A pytree of `NamedSharding`s for `tree`'s leaves (see `fsdp_axis`): a model state (or its
+    base or LoRA part), whose leaves under ``layers`` keep their leading layer axis whole."""
     fsdp = mesh.shape[FSDP]
 
-    def one(leaf):
-        axis = fsdp_axis(tuple(np.shape(leaf)), fsdp)
+    def one(path, leaf):
+        axis = fsdp_axis(tuple(np.shape(leaf)), fsdp, leading=int(_stacked(path)))
         if axis is None:
             return replicated(mesh)
         spec = [None] * np.ndim(leaf)
         spec[axis] = FSDP
         return NamedSharding(mesh, P(*spec))
 
-    return jax.tree_util.tree_map(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def pad_rows(n: int, mesh_or_multiple: Mesh | int) -> int:

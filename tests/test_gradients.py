@@ -124,6 +124,28 @@ def test_make_batches_targets_match_unpadded_single_records(setup):
                                         grad1(lora, base, ex), rtol=1e-5, atol=1e-6)
 
 
+def test_flattened_gradient_column_order():
+    # The order documented in g2is_jax.models.lora: leaves in sorted-path order, each stacked
+    # leaf [L, ...] raveled with the layer slowest (layer 0's block, then layer 1's).
+    from g2is_jax.models.lora import LORA_FLAT_ORDER
+
+    assert LORA_FLAT_ORDER == "stacked-v1"
+    lora_cfg = LoraConfig(rank=2, alpha=4.0, dropout=0.0, target_modules=("q", "v", "down"))
+    _, _, lora = split_lora(init_model(CFG, lora_cfg, seed=0))
+    leaves, tdef = jax.tree_util.tree_flatten_with_path(lora)
+    names = [".".join(str(getattr(k, "key", k)) for k in path[:-1]) for path, _ in leaves]
+    assert names == [f"layers.{m}.{f}" for m in ("mlp.down_proj", "self_attn.q_proj",
+                                                  "self_attn.v_proj")
+                     for f in ("lora_a", "lora_b")]
+    tagged = [jnp.broadcast_to(100.0 * k + jnp.arange(CFG.num_layers).reshape(-1, 1, 1),
+                               x.shape) for k, (_, x) in enumerate(leaves)]
+    row = np.asarray(flatten_per_example(
+        jax.tree_util.tree_map(lambda x: x[None], jax.tree_util.tree_unflatten(tdef, tagged))))[0]
+    want = np.concatenate([np.full(int(np.prod(x.shape[1:])), 100.0 * k + layer)
+                           for k, (_, x) in enumerate(leaves) for layer in range(CFG.num_layers)])
+    np.testing.assert_array_equal(row, want)
+
+
 def test_padding_row_has_zero_gradient(setup):
     graphdef, base, lora = setup
     batch = make_batch([5, 1], width=8)
@@ -196,13 +218,13 @@ def test_sgd_gram_matches_pytorch_peft_loop(setup):
     named = dict(pmodel.named_parameters())
     for i in range(CFG.num_layers):
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            ours = lora["layers"][i]["self_attn"][p]
+            ours = lora["layers"]["self_attn"][p]  # stacked: layer i is index i
             pre = f"base_model.model.model.layers.{i}.self_attn.{p}"
             with torch.no_grad():
                 named[f"{pre}.lora_A.default.weight"].copy_(
-                    torch.from_numpy(np.asarray(ours["lora_a"][...]).T.copy()))
+                    torch.from_numpy(np.asarray(ours["lora_a"][...])[i].T.copy()))
                 named[f"{pre}.lora_B.default.weight"].copy_(
-                    torch.from_numpy(np.asarray(ours["lora_b"][...]).T.copy()))
+                    torch.from_numpy(np.asarray(ours["lora_b"][...])[i].T.copy()))
     lengths = [9, 4, 12, 6, 7]
     batch = make_batch(lengths, width=12, seed=3)
     ours = np.asarray(flatten_per_example(jax.jit(per_example_grads(completion_loss(graphdef)))(

@@ -135,20 +135,20 @@ def test_lora_adapters_start_as_the_identity(ckpt):
     c, _ = load_model(directory, lora=lora, seed=2)
     ids = jnp.asarray(padded_batch(tok)[0])
     np.testing.assert_allclose(np.asarray(a(ids)), np.asarray(plain(ids)), atol=1e-6)
-    lora_a = np.asarray(a.layers[0].mlp.down_proj.lora_a[...])
+    lora_a = np.asarray(a.layers.mlp.down_proj.lora_a[...])[0]
     assert lora_a.shape == (CFG.intermediate_size, 4)
     assert 0 < np.abs(lora_a).max() <= 1 / np.sqrt(CFG.intermediate_size)
-    np.testing.assert_array_equal(lora_a, np.asarray(b.layers[0].mlp.down_proj.lora_a[...]))
-    assert not np.array_equal(lora_a, np.asarray(c.layers[0].mlp.down_proj.lora_a[...]))
-    assert not np.asarray(a.layers[0].mlp.down_proj.lora_b[...]).any()
+    np.testing.assert_array_equal(lora_a, np.asarray(b.layers.mlp.down_proj.lora_a[...])[0])
+    assert not np.array_equal(lora_a, np.asarray(c.layers.mlp.down_proj.lora_a[...])[0])
+    assert not np.asarray(a.layers.mlp.down_proj.lora_b[...]).any()
 
 
 def test_bfloat16_model(ckpt):
     directory, tensors = ckpt
     model, _ = load_model(directory, dtype="bfloat16")
-    assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     np.testing.assert_allclose(
-        np.asarray(model.layers[0].self_attn.q_proj.kernel[...], np.float32),
+        np.asarray(model.layers.self_attn.q_proj.kernel[...], np.float32)[0],
         tensors["model.layers.0.self_attn.q_proj.weight"].T, rtol=1e-2, atol=1e-6)
 
 

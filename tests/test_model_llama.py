@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from g2is_jax.data.tokenize import target_slots
 from g2is_jax.models.config import LoraConfig, ModelConfig, RopeScaling
 from g2is_jax.models.convert import hf_tensors, load_hf_tensors
 from g2is_jax.models.llama import (
     KVCache,
+    Llama,
     example_nll,
     init_model,
     target_hidden,
@@ -213,3 +215,24 @@ def test_bfloat16_close_to_float32():
     a, b = np.asarray(m32(ids)), np.asarray(m16(ids))
     assert b.dtype == np.float32
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 0.05
+
+
+def test_forward_temporary_memory_is_a_fraction_of_the_weights():
+    # 16 layers of a small-vocabulary config, so that layer weights dominate. Traced abstractly
+    # (no weight is materialised). Stacking the layers' weights on every call, as the decoder
+    # did before its layers were stored stacked, measured 232 MB of temporaries for 219 MB of
+    # weights here; scanning over the stored stack, 14 MB (one layer slice and activations).
+    cfg = ModelConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_layers=16,
+                      num_heads=8, num_kv_heads=8)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+    assert weight_bytes > 200e6
+
+    def forward(state, ids, mask):
+        return nnx.merge(graphdef, state)(ids, mask)
+
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    compiled = jax.jit(forward).lower(state, ids, ids).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 0.25 * weight_bytes, \
+        f"temp {temp / 1e6:.1f} MB for {weight_bytes / 1e6:.1f} MB of weights"

@@ -123,13 +123,16 @@ def test_round_trip_is_exact(base, tmp_path):
     model, _ = base
     ours = with_lora(model, LoraConfig(rank=3, alpha=5.0, dropout=0.0,
                                        target_modules=("v", "gate")), seed=1)
-    ours.layers[1].mlp.gate_proj.lora_b[...] = jnp.full((3, CFG.intermediate_size), 0.5)
+    gate_b = ours.layers.mlp.gate_proj.lora_b  # stacked over layers: [2, 3, intermediate]
+    gate_b[...] = gate_b[...].at[1].set(jnp.full((3, CFG.intermediate_size), 0.5))
     save_peft_adapter(ours, tmp_path)
     back = load_peft_adapter(model, tmp_path)
     assert back.lora_config == ours.lora_config
     a = nnx.to_flat_state(nnx.state(ours, nnx.LoRAParam))
     b = dict(nnx.to_flat_state(nnx.state(back, nnx.LoRAParam)))
-    assert len(a) == len(b) == 2 * 2 * 2
+    # 2 targets x 2 factors, each stacked over the 2 layers.
+    assert len(a) == len(b) == 2 * 2
+    assert all(var[...].shape[0] == 2 for _, var in a)
     for path, var in a:
         np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(b[path][...]))
 

@@ -77,6 +77,30 @@ def test_fsdp_axis_and_padding():
     assert [sharding.pad_rows(n, mesh) for n in (1, 4, 5)] == [4, 4, 8]
 
 
+def test_fsdp_never_splits_the_layer_axis():
+    from flax import nnx
+
+    from g2is_jax.models.config import ModelConfig
+    from g2is_jax.models.llama import init_model
+
+    assert sharding.fsdp_axis((16, 64), 2, leading=1) is None  # a stacked vector
+    assert sharding.fsdp_axis((16, 7, 7), 2, leading=1) is None  # only the layer axis divides
+    assert sharding.fsdp_axis((16, 8, 64), 2, leading=1) == 2
+    assert sharding.fsdp_axis((16, 64, 6), 2, leading=1) == 1
+    # 8 layers (divisible, and longer than the bias vectors) with q/k/v biases of width 6: a rule
+    # blind to the layer axis would split the stacked biases [8, 6] over their layer axis.
+    cfg = ModelConfig(vocab_size=16, hidden_size=6, intermediate_size=10, num_layers=8,
+                      num_heads=2, num_kv_heads=1, attention_bias=True, model_type="qwen2")
+    state = nnx.state(init_model(cfg))
+    specs = sharding.fsdp_shardings(state, sharding.make_mesh("data=2,fsdp=2"))
+    flat = jax.tree_util.tree_flatten_with_path(specs)[0]
+    layer_specs = {jax.tree_util.keystr(p): s.spec for p, s in flat if "'layers'" in str(p)}
+    assert len(layer_specs) == 12
+    assert all(len(spec) == 0 or spec[0] is None for spec in layer_specs.values()), layer_specs
+    assert layer_specs["['layers']['self_attn']['q_proj']['bias'].value"] == P()
+    assert layer_specs["['layers']['mlp']['up_proj']['kernel'].value"] == P(None, None, "fsdp")
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 

@@ -1,11 +1,18 @@
 """A Flax NNX decoder for the Llama family, with LoRA adapters as their own variable type.
 
 One module tree serves Llama 2/3 (incl. Llama 3 rope scaling), Mistral, Qwen2 (bias on q, k, v)
-and SmolLM2 (tied embeddings). Parameter names follow transformers' (``layers[i].self_attn.
-q_proj.kernel`` ...) so checkpoint and PEFT mapping is a rename plus a transpose. LoRA factors are
+and SmolLM2 (tied embeddings). Parameter names follow transformers' (``layers.self_attn.q_proj.
+kernel`` ...) so checkpoint and PEFT mapping is a rename plus a transpose. LoRA factors are
 `nnx.LoRAParam`s (``lora_a``: in×r, ``lora_b``: r×out, B starts at zero) next to the frozen
 ``kernel``; `g2is_jax.models.lora.split_lora` separates them so gradients are taken with respect
 to the adapters only.
+
+Layers are stored stacked, as in the Flax NNX scan-over-layers guide: ``model.layers`` is one
+`DecoderLayer` whose every parameter has a leading layer axis (``layers.self_attn.q_proj.kernel``
+is [L, in, out], LoRA's ``lora_a`` [L, in, r]), stacked once at construction and run with
+`lax.scan`.
+Layer i of transformers' ``model.layers.{i}.*`` is index i of that axis. Anything that walks the
+parameter tree sees one leaf per kind of weight, not one per layer.
 
 Conventions: right padding for training and scoring (positions 0..L-1), any padding for
 generation when positions are passed explicitly; softmax and logits in float32; masked scores use
@@ -27,6 +34,7 @@ from g2is_jax.errors import G2ISError
 from g2is_jax.models.config import LoraConfig, ModelConfig, RopeScaling
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LAYERS = "layers"  # the model attribute (and state key) whose leaves have a leading layer axis
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -199,6 +207,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """One decoder block. `Llama` holds a single instance whose parameters carry a leading layer
+    axis (see `stacked_layers`) and runs it under `lax.scan`, one layer slice per step."""
+
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, lora, dtype, rngs)
@@ -214,8 +225,37 @@ class DecoderLayer(nnx.Module):
         return x, new_kv
 
 
+def stacked_layers(cfg: ModelConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs
+                   ) -> DecoderLayer:
+    """`cfg.num_layers` decoder layers as ONE `DecoderLayer` whose every parameter (LoRA factors
+    included) has a leading layer axis: ``kernel`` [L, in, out], ``scale`` [L, H], ``lora_a``
+    [L, in, r].
+
+    The layers are initialised one after the other from `rngs` (layer i draws what it would as
+    the i-th of a list of layers) and stacked once, here, at construction. Concrete arrays are
+    stacked on the host, which costs no XLA compilation; under `nnx.eval_shape` (`build_model`)
+    or a jit the stacking is abstract and free.
+    """
+    layers = [DecoderLayer(cfg, lora, dtype, rngs) for _ in range(cfg.num_layers)]
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.state(layer) for layer in layers]
+    return nnx.merge(graphdef, jax.tree.map(_stack, *states))
+
+
+def _stack(*xs: jax.Array) -> jax.Array:
+    if any(isinstance(x, jax.core.Tracer) for x in xs):
+        return jnp.stack(xs)
+    return jnp.asarray(np.stack([np.asarray(x) for x in xs]))
+
+
 class Llama(nnx.Module):
-    """The decoder. `__call__` returns float32 logits [B, L, V] (and the updated cache)."""
+    """The decoder. `__call__` returns float32 logits [B, L, V] (and the updated cache).
+
+    Layout: ``embed_tokens``, ``layers`` (one `DecoderLayer` holding all layers' weights on a
+    leading layer axis, `stacked_layers`), ``norm`` and ``lm_head`` (None when tied). The forward
+    scans over ``layers`` directly: no per-call stacking, so a compiled forward holds one copy of
+    the weights plus at most one layer slice.
+    """
 
     def __init__(self, config: ModelConfig, lora: LoraConfig | None = None, *,
                  dtype: str = "float32", rngs: nnx.Rngs | None = None):
@@ -226,8 +266,7 @@ class Llama(nnx.Module):
         self.dtype_name = jnp.dtype(dt).name
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dt,
                                       param_dtype=dt, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(config, lora, dt, rngs) for _ in range(config.num_layers)])
+        self.layers = stacked_layers(config, lora, dt, rngs)  # attribute name == LAYERS
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -252,11 +291,10 @@ class Llama(nnx.Module):
         else:
             key_mask, key_slots = attention_mask, query_slots
         x = self.embed_tokens(input_ids)
-        # One layer body under lax.scan over the stacked layer states: the compiled program
-        # holds one layer, not num_layers copies (compile time independent of depth).
-        layer_def, _ = nnx.split(self.layers[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
-                               *[nnx.split(layer)[1] for layer in self.layers])
+        # One layer body under lax.scan over the stored stacked weights: the program holds one
+        # layer, not num_layers copies (compile time independent of depth), and each step reads
+        # its slice of the weights in place.
+        layer_def, stacked = nnx.split(self.layers)
         kv = None if cache is None else (cache.keys, cache.values)
 
         def body(h, xs):
@@ -268,7 +306,7 @@ class Llama(nnx.Module):
             return h, new_kv
 
         x, new_kv = jax.lax.scan(
-            body, x, (stacked, kv, jnp.arange(len(self.layers), dtype=jnp.int32)))
+            body, x, (stacked, kv, jnp.arange(self.config.num_layers, dtype=jnp.int32)))
         x = self.norm(x)
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], key_mask)
         return x, new_cache
@@ -341,7 +379,7 @@ def init_lora_state(abstract: nnx.State, seed: int) -> nnx.State:
     values = []
     for key, (path, leaf) in zip(keys, leaves):
         if any(getattr(p, "key", None) == "lora_a" for p in path):
-            bound = 1.0 / np.sqrt(leaf.shape[0])
+            bound = 1.0 / np.sqrt(leaf.shape[-2])  # [..., in, r]: stacked or not
             values.append(jax.random.uniform(key, leaf.shape, jnp.float32, -bound, bound))
         else:
             values.append(jnp.zeros(leaf.shape, jnp.float32))
@@ -372,6 +410,7 @@ def with_lora(model: Llama, lora: LoraConfig, *, seed: int = 0) -> Llama:
 __all__ = [
     "BASE_FILTER",
     "KVCache",
+    "LAYERS",
     "Llama",
     "LoRALinear",
     "LoraConfig",
@@ -382,6 +421,7 @@ __all__ = [
     "init_lora_state",
     "init_model",
     "rope_inv_freq",
+    "stacked_layers",
     "target_hidden",
     "target_nll",
     "with_lora",

@@ -4,6 +4,15 @@ Everything downstream (warmup training, per-example gradients, evaluation) works
 ``loss(lora, base, example)``: the base state is an argument like any other array pytree but is
 never differentiated, so gradients, optimizer state and checkpoints hold the adapters only.
 
+The LoRA state has one leaf per adapted projection and factor, stacked over layers
+(``layers.self_attn.q_proj.lora_a`` is [L, in, r]). Its leaves are ordered as
+`jax.tree_util.tree_leaves` orders them (keys sorted at every level: ``mlp`` before
+``self_attn``; ``down_proj``, ``gate_proj``, ``up_proj``; ``k_proj``, ``o_proj``, ``q_proj``,
+``v_proj``; ``lora_a`` before ``lora_b``), so a per-example gradient flattened by
+`g2is_jax.projection.flatten_per_example` is projection-major: for each (projection, factor) in
+that order, layer 0's block, then layer 1's, ... (`LORA_FLAT_ORDER`). The order is fixed by the
+structure alone; a test pins it.
+
 A batch (or example) that carries ``target_index`` / ``target_mask`` (`make_batches` adds them,
 see `g2is_jax.data.tokenize.target_slots`) runs the LM head only at its K loss positions; one
 without them runs it at every position. Both give the same loss: the mean NLL of the completion
@@ -24,6 +33,9 @@ from g2is_jax.models.llama import Llama, example_nll, target_hidden, target_nll
 # input_ids [L], attention_mask [L], loss_mask [L]; optionally target_index [K], target_mask [K]
 Example = Mapping[str, jax.Array]
 EXAMPLE_KEYS = ("input_ids", "attention_mask", "loss_mask", "target_index", "target_mask")
+
+
+LORA_FLAT_ORDER = "stacked-v1"  # the column order above; feature stores record it
 
 
 def split_lora(model: Llama) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

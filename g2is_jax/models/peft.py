@@ -66,8 +66,9 @@ _UNSUPPORTED = {
 }
 
 
-def _module(model: Llama, layer: int, target: str) -> LoRALinear:
-    return getattr(getattr(model.layers[layer], _GROUP[target]), f"{target}_proj")
+def _module(model: Llama, target: str) -> LoRALinear:
+    """The stacked projection `target` of every layer (factors [L, in, r] and [L, r, out])."""
+    return getattr(getattr(model.layers, _GROUP[target]), f"{target}_proj")
 
 
 def peft_tensor_names(layer: int, target: str) -> tuple[str, str]:
@@ -91,12 +92,14 @@ def save_peft_adapter(model: Llama, directory: str | Path, *,
     out = Path(directory).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for i in range(model.config.num_layers):
-        for target in lora.target_modules:
-            mod = _module(model, i, target)
+    for target in lora.target_modules:
+        mod = _module(model, target)
+        a = np.asarray(mod.lora_a[...], np.float32)
+        b = np.asarray(mod.lora_b[...], np.float32)
+        for i in range(model.config.num_layers):
             name_a, name_b = peft_tensor_names(i, target)
-            tensors[name_a] = np.ascontiguousarray(np.asarray(mod.lora_a[...], np.float32).T)
-            tensors[name_b] = np.ascontiguousarray(np.asarray(mod.lora_b[...], np.float32).T)
+            tensors[name_a] = np.ascontiguousarray(a[i].T)
+            tensors[name_b] = np.ascontiguousarray(b[i].T)
     alpha = float(lora.alpha)
     config = {
         "peft_type": "LORA",
@@ -246,14 +249,16 @@ def load_peft_adapter(model: Llama, directory: str | Path) -> Llama:
                         f"{ADAPTER_CONFIG} does not list in target_modules")
 
     out = build_model(cfg, lora, dtype=model.dtype_name, base=nnx.state(model, BASE_FILTER))
-    for i in range(cfg.num_layers):
-        for target in lora.target_modules:
-            mod = _module(out, i, target)
-            names = peft_tensor_names(i, target)
-            for side, var, name in zip("AB", (mod.lora_a, mod.lora_b), names, strict=True):
-                # PEFT stores the transpose of ours.
-                arr = _factor(factors, (i, target, side), name, var[...].shape[::-1], lora, path)
-                var[...] = jnp.asarray(arr.T, jnp.float32)
+    for target in lora.target_modules:
+        mod = _module(out, target)
+        for side, var in zip("AB", (mod.lora_a, mod.lora_b), strict=True):
+            # One stacked factor [L, ...] per side; PEFT stores each layer's transpose of ours.
+            stacked = np.empty(var[...].shape, np.float32)
+            for i in range(cfg.num_layers):
+                name = peft_tensor_names(i, target)["AB".index(side)]
+                stacked[i] = _factor(factors, (i, target, side), name,
+                                     stacked.shape[1:][::-1], lora, path).T
+            var[...] = jnp.asarray(stacked)
     return out
 
 
