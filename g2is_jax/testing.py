@@ -5,17 +5,25 @@ build small fixtures without downloads.
 with SmolLM2's special tokens at SmolLM2's ids (0 `<|endoftext|>`, 1 `<|im_start|>`,
 2 `<|im_end|>`), pad = eos = `<|im_end|>`, and a ChatML chat template that, like SmolLM2's,
 inserts a default system message when the conversation does not start with one.
+
+`tiny_hf_model_dir(path)` writes a tiny random decoder (`tiny_model_config()`: that tokenizer's
+vocabulary, 2 layers, hidden size 32) with that tokenizer as a Hugging Face checkpoint
+directory, which `load_model`, the CLI and transformers all read.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["TINY_CHAT_TEMPLATE", "TINY_DEFAULT_SYSTEM", "random_hf_tensors", "tiny_tokenizer"]
+    from g2is_jax.models.config import ModelConfig
+
+__all__ = ["TINY_CHAT_TEMPLATE", "TINY_DEFAULT_SYSTEM", "random_hf_tensors", "tiny_hf_model_dir",
+           "tiny_model_config", "tiny_tokenizer"]
 
 TINY_DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -104,3 +112,28 @@ def random_hf_tensors(cfg, seed: int = 0) -> dict:
         if k.endswith("norm.weight"):
             tensors[k] = (1.0 + 0.1 * rng.standard_normal(tensors[k].shape)).astype(np.float32)
     return tensors
+
+
+def tiny_model_config(**overrides: Any) -> ModelConfig:
+    """The tiny decoder the end-to-end tests use: `tiny_tokenizer()`'s vocabulary and EOS, hidden
+    size 32, MLP 64, 2 layers, 4 query and 2 key/value heads; `overrides` replace any field."""
+    import dataclasses
+
+    from g2is_jax.models.config import ModelConfig
+
+    tok = tiny_tokenizer()
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, eos_token_id=tok.eos_token_id)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def tiny_hf_model_dir(path: str | Path, *, seed: int = 0, config: ModelConfig | None = None
+                      ) -> Path:
+    """Write a random model (`config`, default `tiny_model_config()`; weights N(0, 0.02) from
+    `seed`) with `tiny_tokenizer()` as a Hugging Face checkpoint directory at `path` (config.json,
+    model.safetensors, tokenizer files). Returns the directory."""
+    from g2is_jax.models.llama import init_model
+    from g2is_jax.models.loading import save_hf_checkpoint
+
+    cfg = config if config is not None else tiny_model_config()
+    return save_hf_checkpoint(init_model(cfg, seed=seed), tiny_tokenizer(), Path(path))

@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 
 from g2is_jax.cli import main
-from g2is_jax.models.config import ModelConfig
-from g2is_jax.models.llama import init_model
-from g2is_jax.models.loading import save_hf_checkpoint
-from g2is_jax.testing import tiny_tokenizer
+from g2is_jax.testing import tiny_hf_model_dir
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    tok = tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, eos_token_id=tok.eos_token_id)
-    model_dir = save_hf_checkpoint(init_model(cfg, seed=0), tok, root / "model")
+    model_dir = tiny_hf_model_dir(root / "model")
     data = root / "data"
     assert main(["suite", "--out", str(data), "--n-pool", "40", "--n-dev", "4",
                  "--n-test", "4", "--target", "arithmetic", "--target-share", "0.25"]) == 0

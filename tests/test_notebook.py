@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from g2is_jax.models.config import ModelConfig
-from g2is_jax.models.llama import init_model
-from g2is_jax.models.loading import save_hf_checkpoint
-from g2is_jax.testing import tiny_tokenizer
+from g2is_jax.testing import tiny_hf_model_dir
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.ipynb"
 
@@ -23,10 +20,7 @@ pytestmark = pytest.mark.slow
 def test_walkthrough_executes(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbconvert = pytest.importorskip("nbconvert.preprocessors")
-    tok = tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, eos_token_id=tok.eos_token_id)
-    model_dir = save_hf_checkpoint(init_model(cfg, seed=0), tok, tmp_path / "model")
+    model_dir = tiny_hf_model_dir(tmp_path / "model")
     monkeypatch.setenv("G2IS_NOTEBOOK_MODEL", str(model_dir))
     monkeypatch.setenv("G2IS_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("G2IS_NOTEBOOK_DIR", str(tmp_path / "work"))

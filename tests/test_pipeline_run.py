@@ -10,11 +10,8 @@ import pytest
 
 from g2is_jax.cli import main
 from g2is_jax.errors import G2ISError
-from g2is_jax.models.config import ModelConfig
-from g2is_jax.models.llama import init_model
-from g2is_jax.models.loading import save_hf_checkpoint
 from g2is_jax.runconfig import load_run_config
-from g2is_jax.testing import tiny_tokenizer
+from g2is_jax.testing import tiny_hf_model_dir
 
 CONFIG = """
 max_length = 128
@@ -59,10 +56,7 @@ batch_size = 4
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    tok = tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, eos_token_id=tok.eos_token_id)
-    model_dir = save_hf_checkpoint(init_model(cfg, seed=0), tok, root / "model")
+    model_dir = tiny_hf_model_dir(root / "model")
     config = root / "run.toml"
     config.write_text(f'model = "{model_dir}"\n' + CONFIG)
     out = root / "out"

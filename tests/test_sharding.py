@@ -109,20 +109,18 @@ def setup(tmp_path_factory):
     """Model dir, adapter, pool and the one-device reference features (library call)."""
     from g2is_jax.data import build_pool, encode_record, write_jsonl
     from g2is_jax.featurize import compute_features
-    from g2is_jax.models.config import LoraConfig, ModelConfig
+    from g2is_jax.models.config import LoraConfig
     from g2is_jax.models.llama import init_model
-    from g2is_jax.models.loading import load_model, save_hf_checkpoint
+    from g2is_jax.models.loading import load_model
     from g2is_jax.models.lora import merge_lora, split_lora
     from g2is_jax.models.peft import load_peft_adapter, save_peft_adapter
     from g2is_jax.projection import Projector
-    from g2is_jax.testing import tiny_tokenizer
+    from g2is_jax.testing import tiny_hf_model_dir, tiny_model_config, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("scale")
     tok = tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, eos_token_id=tok.eos_token_id)
-    model_dir = save_hf_checkpoint(init_model(cfg, seed=0), tok, root / "model")
-    model = init_model(cfg, LoraConfig(rank=4, alpha=8.0, dropout=0.0), seed=0)
+    model_dir = tiny_hf_model_dir(root / "model")
+    model = init_model(tiny_model_config(), LoraConfig(rank=4, alpha=8.0, dropout=0.0), seed=0)
     g, base, lora = split_lora(model)
     leaves, tdef = jax.tree_util.tree_flatten(lora)
     keys = jax.random.split(jax.random.key(7), len(leaves))
