@@ -51,11 +51,13 @@ class Leaf:
 
 def _layer_modules(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, bool]]:
     """(our path inside a layer, transformers' suffix, transpose?) for one decoder layer."""
-    out = [(("input_layernorm", "scale"), "input_layernorm.weight", False),
-           (("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", False)]
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if cfg.sandwich_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    out = [((n, "scale"), f"{n}.weight", False) for n in norms]
     for p in _ATTN:
         out.append((("self_attn", p, "kernel"), f"self_attn.{p}.weight", True))
-        if cfg.attention_bias and p != "o_proj":
+        if cfg.attention_bias and (p != "o_proj" or cfg.o_proj_bias):
             out.append((("self_attn", p, "bias"), f"self_attn.{p}.bias", False))
     for p in _MLP:
         out.append((("mlp", p, "kernel"), f"mlp.{p}.weight", True))

@@ -1,8 +1,12 @@
-"""A Flax NNX decoder for the Llama family, with LoRA adapters as their own variable type.
+"""A Flax NNX decoder for the Llama and Gemma families, with LoRA adapters as their own variable
+type.
 
-One module tree serves Llama 2/3 (incl. Llama 3 rope scaling), Mistral, Qwen2 (bias on q, k, v)
-and SmolLM2 (tied embeddings). Parameter names follow transformers' (``layers.self_attn.q_proj.
-kernel`` ...) so checkpoint and PEFT mapping is a rename plus a transpose. LoRA factors are
+One module tree serves Llama 2/3 (incl. Llama 3 rope scaling), SmolLM2 (tied embeddings), Mistral
+(sliding-window attention), Qwen2 (bias on q, k, v), Gemma (GeGLU, (1 + w) RMSNorm, scaled
+embeddings) and Gemma 2 (soft-capped attention and output logits, alternating sliding-window
+layers, norms around attention and MLP outputs); `ModelConfig` says which. Parameter names
+follow transformers' (``layers.self_attn.q_proj.kernel`` ...) so checkpoint and PEFT mapping is
+a rename plus a transpose. LoRA factors are
 `nnx.LoRAParam`s (``lora_a``: in×r, ``lora_b``: r×out, B starts at zero) next to the frozen
 ``kernel``; `g2is_jax.models.lora.split_lora` separates them so gradients are taken with respect
 to the adapters only.
@@ -12,7 +16,9 @@ Layers are stored stacked, as in the Flax NNX scan-over-layers guide: ``model.la
 is [L, in, out], LoRA's ``lora_a`` [L, in, r]), stacked once at construction and run with
 `lax.scan`.
 Layer i of transformers' ``model.layers.{i}.*`` is index i of that axis. Anything that walks the
-parameter tree sees one leaf per kind of weight, not one per layer.
+parameter tree sees one leaf per kind of weight, not one per layer. What differs between layers
+(Gemma 2's sliding vs. global layers) enters the scan as per-layer data
+(`ModelConfig.layer_windows`), never as a Python branch per layer.
 
 Conventions: right padding for training and scoring (positions 0..L-1), any padding for
 generation when positions are passed explicitly; softmax and logits in float32; masked scores use
@@ -101,15 +107,34 @@ class LoRALinear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    """x / rms(x) * w (Llama: cast to x's dtype, then scaled), or with ``plus_one`` (Gemma)
+    x / rms(x) * (1 + w), scaled in float32 and then cast; w starts at the identity."""
+
+    def __init__(self, dim: int, eps: float, dtype, plus_one: bool = False):
+        self.scale = nnx.Param((jnp.zeros if plus_one else jnp.ones)((dim,), dtype))
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        w = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        if self.plus_one:
+            return (x32 * jax.lax.rsqrt(var + self.eps) * (1.0 + w.astype(jnp.float32))
+                    ).astype(x.dtype)
         normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return normed * self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        return normed * w
+
+
+def _norm(cfg: ModelConfig, dtype) -> RMSNorm:
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, plus_one=cfg.gemma_norm)
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -154,14 +179,19 @@ class Attention(nnx.Module):
                                  rngs=rngs)
         self.v_proj = LoRALinear(h, nkv * d, use_bias=bias, lora=lora_for("v"), dtype=dtype,
                                  rngs=rngs)
-        self.o_proj = LoRALinear(nh * d, h, use_bias=False, lora=lora_for("o"), dtype=dtype,
-                                 rngs=rngs)
+        self.o_proj = LoRALinear(nh * d, h, use_bias=cfg.o_proj_bias, lora=lora_for("o"),
+                                 dtype=dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
+        # Scores are divided by sqrt(this): head_dim, or Gemma 2's query_pre_attn_scalar.
+        self.score_divisor = float(cfg.query_pre_attn_scalar or d)
+        self.softcap = cfg.attn_logit_softcapping
         # Static (hashable) so the RoPE table is a compile-time constant, not model state.
         self.rope = (d, float(cfg.rope_theta), cfg.rope_scaling)
 
     def __call__(self, x, positions, key_mask, query_slots, key_slots, dropout_key,
-                 cache_kv=None, cache_index=None):
+                 cache_kv=None, cache_index=None, window=None):
+        """`window`: this layer's sliding window as a traced int32 scalar (0: attend to every
+        earlier slot), or None when no layer of the model slides."""
         b, length, _ = x.shape
         q = self.q_proj(x, _fold(dropout_key, 0)).reshape(b, length, self.num_heads, -1)
         k = self.k_proj(x, _fold(dropout_key, 1)).reshape(b, length, self.num_kv_heads, -1)
@@ -179,8 +209,16 @@ class Attention(nnx.Module):
         qg = q.reshape(b, length, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("blkgd,bskd->bkgls", qg, k.astype(q.dtype),
                             preferred_element_type=jnp.float32)
-        scores = scores / np.sqrt(self.head_dim).astype(np.float32)
-        visible = (key_slots[None, :] <= query_slots[:, None])[None] & (key_mask[:, None, :] > 0)
+        scores = scores / np.sqrt(self.score_divisor).astype(np.float32)
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
+        causal = key_slots[None, :] <= query_slots[:, None]
+        if window is not None:
+            # Sliding window (transformers' rule): key slot j is visible from query slot i
+            # when i - j < window; window 0 marks a full-attention layer.
+            near = query_slots[:, None] - key_slots[None, :] < window
+            causal = causal & ((window <= 0) | near)
+        visible = causal[None] & (key_mask[:, None, :] > 0)
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, -1)
@@ -199,11 +237,12 @@ class MLP(nnx.Module):
                                   rngs=rngs)
         self.down_proj = LoRALinear(m, h, use_bias=False, lora=lora_for("down"), dtype=dtype,
                                     rngs=rngs)
+        self.act = cfg.hidden_act  # SwiGLU (silu) or GeGLU (gelu_tanh, gelu)
 
     def __call__(self, x, dropout_key):
         g = self.gate_proj(x, _fold(dropout_key, 4))
         u = self.up_proj(x, _fold(dropout_key, 5))
-        return self.down_proj(jax.nn.silu(g) * u, _fold(dropout_key, 6))
+        return self.down_proj(_ACTIVATIONS[self.act](g) * u, _fold(dropout_key, 6))
 
 
 class DecoderLayer(nnx.Module):
@@ -211,15 +250,24 @@ class DecoderLayer(nnx.Module):
     axis (see `stacked_layers`) and runs it under `lax.scan`, one layer slice per step."""
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.input_layernorm = _norm(cfg, dtype)
         self.self_attn = Attention(cfg, lora, dtype, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = _norm(cfg, dtype)
+        # Gemma 2: post_attention_layernorm normalises the attention output, and the MLP gets a
+        # norm on each side.
+        self.sandwich = cfg.sandwich_norms
+        self.pre_feedforward_layernorm = _norm(cfg, dtype) if self.sandwich else None
+        self.post_feedforward_layernorm = _norm(cfg, dtype) if self.sandwich else None
         self.mlp = MLP(cfg, lora, dtype, rngs)
 
     def __call__(self, x, positions, key_mask, query_slots, key_slots, dropout_key,
-                 cache_kv=None, cache_index=None):
+                 cache_kv=None, cache_index=None, window=None):
         attn, new_kv = self.self_attn(self.input_layernorm(x), positions, key_mask, query_slots,
-                                      key_slots, dropout_key, cache_kv, cache_index)
+                                      key_slots, dropout_key, cache_kv, cache_index, window)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            h = self.mlp(self.pre_feedforward_layernorm(x), dropout_key)
+            return x + self.post_feedforward_layernorm(h), new_kv
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x), dropout_key)
         return x, new_kv
@@ -267,7 +315,7 @@ class Llama(nnx.Module):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dt,
                                       param_dtype=dt, rngs=rngs)
         self.layers = stacked_layers(config, lora, dt, rngs)  # attribute name == LAYERS
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
+        self.norm = _norm(config, dt)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -291,31 +339,39 @@ class Llama(nnx.Module):
         else:
             key_mask, key_slots = attention_mask, query_slots
         x = self.embed_tokens(input_ids)
+        if self.config.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the dtype
+            x = x * jnp.asarray(self.config.embed_scale, x.dtype)
         # One layer body under lax.scan over the stored stacked weights: the program holds one
         # layer, not num_layers copies (compile time independent of depth), and each step reads
         # its slice of the weights in place.
         layer_def, stacked = nnx.split(self.layers)
         kv = None if cache is None else (cache.keys, cache.values)
+        windows = self.config.layer_windows()  # per-layer data, not a branch per layer
+        windows = None if windows is None else jnp.asarray(windows, jnp.int32)
 
         def body(h, xs):
-            state, layer_kv, i = xs
+            state, layer_kv, i, window = xs
             layer = nnx.merge(layer_def, state)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             h, new_kv = layer(h, positions, key_mask, query_slots, key_slots, key, layer_kv,
-                              cache_index)
+                              cache_index, window)
             return h, new_kv
 
-        x, new_kv = jax.lax.scan(
-            body, x, (stacked, kv, jnp.arange(self.config.num_layers, dtype=jnp.int32)))
+        layer_index = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        x, new_kv = jax.lax.scan(body, x, (stacked, kv, layer_index, windows))
         x = self.norm(x)
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], key_mask)
         return x, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [B, L, V] of final hidden states [B, L, H] (soft-capped for Gemma 2)."""
         if self.lm_head is None:
-            return jnp.einsum("blh,vh->blv", hidden, self.embed_tokens.embedding[...],
-                              preferred_element_type=jnp.float32)
-        return (hidden @ self.lm_head.kernel[...]).astype(jnp.float32)
+            out = jnp.einsum("blh,vh->blv", hidden, self.embed_tokens.embedding[...],
+                             preferred_element_type=jnp.float32)
+        else:
+            out = (hidden @ self.lm_head.kernel[...]).astype(jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else jnp.tanh(out / cap) * cap
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, dropout_key=None,
                  cache: KVCache | None = None, cache_index=0):

@@ -171,7 +171,7 @@ def _hf_config(directory: Path) -> ModelConfig:
         raise G2ISError(f"{path}: {err}") from err
     except (KeyError, TypeError, ValueError) as err:
         raise G2ISError(f"{path} lacks or mistypes a required field ({err!r}); it does not "
-                        f"describe a Llama/Mistral/Qwen2 model") from err
+                        f"describe a Llama/Mistral/Qwen2/Gemma/Gemma 2 model") from err
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
