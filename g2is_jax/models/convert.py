@@ -122,6 +122,9 @@ def check_tensor_names(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *,
     elif unused == ["lm_head.weight"]:
         fix = ("the config ties the LM head to the embedding but the checkpoint has its own "
                "lm_head.weight: set tie_word_embeddings to false in the config")
+    elif not unused:
+        fix = ("the checkpoint is incomplete (download or convert it again) or its config "
+               "describes another model")
     else:
         fix = ("config and weights describe different models: fix the config (layers, "
                "tie_word_embeddings, attention_bias, model_type) or use the matching checkpoint")

@@ -6,18 +6,16 @@ One module tree serves Llama 2/3 (incl. Llama 3 rope scaling), SmolLM2 (tied emb
 embeddings) and Gemma 2 (soft-capped attention and output logits, alternating sliding-window
 layers, norms around attention and MLP outputs); `ModelConfig` says which. Parameter names
 follow transformers' (``layers.self_attn.q_proj.kernel`` ...) so checkpoint and PEFT mapping is
-a rename plus a transpose. LoRA factors are
-`nnx.LoRAParam`s (``lora_a``: in×r, ``lora_b``: r×out, B starts at zero) next to the frozen
-``kernel``; `g2is_jax.models.lora.split_lora` separates them so gradients are taken with respect
-to the adapters only.
+a rename plus a transpose. LoRA factors are `nnx.LoRAParam`s (``lora_a``: in×r, ``lora_b``:
+r×out, B starts at zero) next to the frozen ``kernel``; `g2is_jax.models.lora.split_lora`
+separates them so gradients are taken with respect to the adapters only.
 
 Layers are stored stacked, as in the Flax NNX scan-over-layers guide: ``model.layers`` is one
 `DecoderLayer` whose every parameter has a leading layer axis (``layers.self_attn.q_proj.kernel``
 is [L, in, out], LoRA's ``lora_a`` [L, in, r]), stacked once at construction and run with
-`lax.scan`.
-Layer i of transformers' ``model.layers.{i}.*`` is index i of that axis. Anything that walks the
-parameter tree sees one leaf per kind of weight, not one per layer. What differs between layers
-(Gemma 2's sliding vs. global layers) enters the scan as per-layer data
+`lax.scan`. Layer i of transformers' ``model.layers.{i}.*`` is index i of that axis. Anything
+that walks the parameter tree sees one leaf per kind of weight, not one per layer. What differs
+between layers (Gemma 2's sliding vs. global layers) enters the scan as per-layer data
 (`ModelConfig.layer_windows`), never as a Python branch per layer.
 
 Conventions: right padding for training and scoring (positions 0..L-1), any padding for
