@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_hint(parser: argparse.ArgumentParser, command: str, exc: G2ISError) -> str:
+    """" (--flag)" naming the subcommand's flag for the Python parameter an error names."""
+    param = getattr(exc, "param", None)
+    if not param:
+        return ""
+    flag = "--" + param.replace("_", "-")
+    for action in parser._subparsers._group_actions:  # the subcommand parsers
+        sub = action.choices.get(command)
+        if sub is not None and flag in sub._option_string_actions:
+            return f" (set by {flag})"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except G2ISError as exc:
-        print(f"g2is {args.command}: error: {exc}", file=sys.stderr)
+        print(f"g2is {args.command}: error: {exc}{_flag_hint(parser, args.command, exc)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"g2is {args.command}: interrupted", file=sys.stderr)

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     train = feats.load_checkpoints(args.train_features, role="train")
     weights = feats.checkpoint_weights(train)
     t = feats.combine_checkpoints([s.array for s in train], weights)
-    core.check_positive_int("neighbors", args.neighbors, "--neighbors")
-    core.check_positive_int("block rows", args.block_rows, "--block-rows")
+    core.check_positive_int("neighbors", args.neighbors)
+    core.check_positive_int("block_rows", args.block_rows)
     unit, _ = core.prepare_rows(core.as_features(t, "train features"))
     if args.mixed:
         if not args.val_features:

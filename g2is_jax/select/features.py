@@ -4,13 +4,16 @@ A feature source is either a `.npy` file (N×d) or a feature-store directory hol
 `features.npy` and `meta.json` ("n", "dim", "gradient", "record_ids", "checkpoint_lr", ...).
 Arrays are memory-mapped; checks (shape against meta, finite values) read them in row chunks.
 
-Several checkpoints. LESS sums its per-checkpoint scores weighted by each checkpoint's learning
-rate. The walk needs one geometry, so `combine_checkpoints` builds it: each checkpoint's rows are
-normalised, scaled by sqrt(w_i) (w the learning rates, summing to 1) and concatenated. The dot of
-two combined rows is then sum_i w_i cos_i, the same lr-weighted average of per-checkpoint cosines
-that LESS uses, every combined row of nonzero features has unit norm, and PCA of the combined
-validation rows sees each checkpoint's directions in proportion to its weight. One checkpoint is
-passed through unchanged, so single-checkpoint runs keep the release's exact semantics.
+Several checkpoints (this project's extension: the authors' walk consumes one T and one V).
+LESS sums its per-checkpoint scores weighted by each checkpoint's learning rate. The walk needs
+one geometry, so `combine_checkpoints` builds it: each checkpoint's rows are normalised, scaled by
+sqrt(w_i) (w the learning rates, summing to 1) and concatenated. The dot of two combined rows is
+then sum_i w_i cos_i, the same lr-weighted average of per-checkpoint cosines that LESS uses,
+every combined row of nonzero features has unit norm, and PCA of the combined validation rows
+sees each checkpoint's directions in proportion to its weight. With ``normalize="raw"`` (V under
+``val_normalize="raw"``) the rows are scaled by sqrt(w_i) but not normalised, so that one V
+normalisation rule holds for one checkpoint and for several. One checkpoint is passed through
+unchanged: the walk normalises T's rows and `core.core_knowledge` applies `val_normalize` to V.
 """
 
 from __future__ import annotations
@@ -170,8 +173,12 @@ def checkpoint_weights(sets: Sequence[Features]) -> np.ndarray:
     return w / w.sum()
 
 
-def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float]) -> np.ndarray:
+def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float], *,
+                        normalize: str = "unit") -> np.ndarray:
     """One feature matrix for the walk from several checkpoints (see the module docstring)."""
+    if normalize not in ("unit", "raw"):
+        raise G2ISError(f"normalize must be 'unit' or 'raw', got {normalize!r}",
+                        param="val_normalize")
     if len(arrays) == 1:
         return arrays[0]
     w = np.asarray(weights, dtype=np.float64)
@@ -183,7 +190,8 @@ def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float]) -> np.n
         d = a.shape[1]
         for s in range(0, n, _CHECK_ROWS):
             x = np.asarray(a[s : s + _CHECK_ROWS], dtype=np.float64)
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-10)
+            if normalize == "unit":  # out of place: `x` may be a view of the caller's array
+                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-10)
             out[s : s + _CHECK_ROWS, col : col + d] = np.sqrt(wi) * x
         col += d
     return out
