@@ -38,13 +38,19 @@ def _neighbors(text: str) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from g2is_jax.select.core import PCA_SIGNS, VAL_NORMALIZE
-    from g2is_jax.select.methods import METHODS, STORAGE_DTYPES
+    from g2is_jax.vocab import (
+        METHOD_HELP,
+        METHOD_NAMES,
+        PCA_SIGNS,
+        STORAGE_DTYPES,
+        VAL_NORMALIZE,
+        WALK_MODES,
+    )
 
     p = subparsers.add_parser(
         "select",
         help="select a subset of the pool from gradient features "
-             f"({', '.join(METHODS)})",
+             f"({', '.join(METHOD_NAMES)})",
         description=(
             "Select rows of the pool from its features. T and V are each a .npy file (rows × "
             "dim) or a feature-store directory (features.npy + meta.json). Give --train-features "
@@ -67,8 +73,8 @@ def register(subparsers: Any) -> None:
                    help="subtask of each validation row, for less/rds (mean within a subtask, "
                         "max over subtasks): a .json list of names, one per validation row, or "
                         "a text file with one name per line; default: one subtask")
-    p.add_argument("--method", choices=tuple(METHODS), default="g2is",
-                   help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+    p.add_argument("--method", choices=METHOD_NAMES, default="g2is",
+                   help="; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items())
                    + " (default g2is)")
     p.add_argument("--ratio", type=_float, default=0.01,
                    help="fraction of the pool to select, in (0, 1]; int(N*ratio) rows "
@@ -97,7 +103,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--anchor-pool", type=_int, default=1000,
                    help="walks: anchor candidates scanned first, as in the authors' release "
                         "(default 1000; the chosen anchor does not depend on it)")
-    p.add_argument("--mode", choices=("onthefly", "graph"), default="onthefly",
+    p.add_argument("--mode", choices=WALK_MODES, default="onthefly",
                    help="walk neighbours: computed on the fly (default, no graph) or from a "
                         "kNN graph (--graph FILE from `g2is graph`, else built in memory)")
     p.add_argument("--graph", metavar="FILE", help="kNN graph from `g2is graph` (--mode graph)")

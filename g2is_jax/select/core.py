@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.vocab import PCA_SIGNS, VAL_NORMALIZE, PcaSign, ValNormalize  # noqa: F401
 
 # A row whose norm is below this stays (nearly) zero instead of being blown up to unit length.
 NORM_FLOOR = 1e-10
@@ -42,10 +43,6 @@ STEP_NAMES = ("anchor", "neighbor", "fallback")
 SIGN_TIE_RTOL = 1e-9
 
 
-PcaSign = Literal["v-based", "u-based"]
-PCA_SIGNS: tuple[str, ...] = ("v-based", "u-based")
-ValNormalize = Literal["unit", "raw"]
-VAL_NORMALIZE: tuple[str, ...] = ("unit", "raw")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,9 +57,11 @@ def _energy_chunk(x, m):
     return jnp.sum(proj * proj), jnp.sum(nonzero)
 
 
-def pool_diagnostics(train: Any, *, sample: int = 512, seed: int = 0) -> dict[str, Any]:
-    """Shared-direction energy and negative-cosine pair fraction of the pool's features (N×d)."""
-    t = core.as_features(train, "train features")
+def pool_diagnostics(train: Any, *, sample: int = 512, seed: int = 0,
+                     check: bool = True) -> dict[str, Any]:
+    """Shared-direction energy and negative-cosine pair fraction of the pool's features (N×d).
+    `check=False` skips the finiteness scan (for features checked upstream)."""
+    t = core.as_features(train, "train features") if check else train
     n = t.shape[0]
     total = None
     for s in range(0, n, _CHUNK):
@@ -219,7 +221,8 @@ def diagnose(result: SelectionResult, train: Any, plan: Any | None = None,
     """`result` with its diagnostics filled in: pool statistics (or `pool` when given, computed
     once per feature set), conflicts inside the selection, and for a walk (`plan` given) the
     per-walk rejection counts."""
-    pool = pool if pool is not None else pool_diagnostics(train, sample=sample, seed=seed)
+    if pool is None:
+        pool = pool_diagnostics(train, sample=sample, seed=seed, check=False)
     per = result.per_component
     if plan is not None and len(result.indices):
         counts = walk_diagnostics(train, plan, result.indices, result.components,

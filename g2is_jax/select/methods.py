@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -30,10 +30,7 @@ from g2is_jax.errors import G2ISError
 from g2is_jax.select import baselines, core, diagnostics, plan, walk
 from g2is_jax.select.core import SelectionResult
 from g2is_jax.select.features import combine_checkpoints
-
-MethodName = Literal["g2is", "g2is-robust", "g2is-abs", "less", "random", "rds"]
-StorageDtype = Literal["auto", "float32", "bfloat16", "float64"]
-STORAGE_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float64")
+from g2is_jax.vocab import METHOD_HELP, METHOD_NAMES, STORAGE_DTYPES, MethodName, StorageDtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,26 +179,16 @@ def _with_pool_diagnostics(res: SelectionResult, inputs: SelectionInputs,
     return diagnostics.diagnose(res, t, None, sample=o.diagnostics_sample)
 
 
-METHODS: dict[str, MethodSpec] = {
-    "g2is": MethodSpec(
-        "g2is", "the authors' gradient walk (component signs by pca_sign)", _WALK_OPTIONS,
-        _walk_method("signed", "g2is")),
-    "g2is-robust": MethodSpec(
-        "g2is-robust", "sign-robust walk (this project's): both poles of every component, "
-        "budget split by validation variance on each side", _WALK_OPTIONS,
-        _walk_method("both-poles", "g2is-robust")),
-    "g2is-abs": MethodSpec(
-        "g2is-abs", "sign-free walk (this project's): anchors and fallbacks ranked by |T·k|",
-        _WALK_OPTIONS, _walk_method("absolute", "g2is-abs")),
-    "less": MethodSpec(
-        "less", "LESS: top rows by lr-weighted mean cosine, max over subtasks",
-        ("ratio", "budget", "diagnostics"), _less),
-    "random": MethodSpec("random", "a seeded uniform sample", ("ratio", "budget", "seed"),
-                         _random),
-    "rds": MethodSpec("rds", "LESS scoring on representation features (T and V hidden states)",
-                      ("ratio", "budget"), _rds),
+_RUNNERS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "g2is": (_WALK_OPTIONS, _walk_method("signed", "g2is")),
+    "g2is-robust": (_WALK_OPTIONS, _walk_method("both-poles", "g2is-robust")),
+    "g2is-abs": (_WALK_OPTIONS, _walk_method("absolute", "g2is-abs")),
+    "less": (("ratio", "budget", "diagnostics"), _less),
+    "random": (("ratio", "budget", "seed"), _random),
+    "rds": (("ratio", "budget"), _rds),
 }
-METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+METHODS: dict[str, MethodSpec] = {
+    name: MethodSpec(name, METHOD_HELP[name], *_RUNNERS[name]) for name in METHOD_NAMES}
 
 
 def run_method(name: str, inputs: SelectionInputs, options: SelectOptions | None = None

@@ -35,7 +35,7 @@ Conventions are parameters, recorded in every result (`SelectionResult.conventio
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +52,8 @@ from g2is_jax.select.core import (
     CoreKnowledge,
     SelectionResult,
 )
+from g2is_jax.vocab import SIGN_HANDLING, SignHandling  # noqa: F401
 
-SignHandling = Literal["signed", "both-poles", "absolute"]
-SIGN_HANDLING: tuple[str, ...] = ("signed", "both-poles", "absolute")
 DEFAULT_NEIGHBORS = 100  # this project's default, not the authors' (their width is unspecified)
 
 

@@ -44,7 +44,7 @@ then pass whatever the summation order; the NumPy reference in the tests applies
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -58,9 +58,10 @@ from g2is_jax import sharding
 from g2is_jax.errors import G2ISError
 from g2is_jax.select import core
 from g2is_jax.select.core import STEP_ANCHOR, STEP_FALLBACK, STEP_NEIGHBOR
+from g2is_jax.vocab import WALK_MODES, WalkMode
 
-Mode = Literal["onthefly", "graph"]
-MODES = ("onthefly", "graph")
+Mode = WalkMode
+MODES = WALK_MODES
 _COS_RTOL_ULPS = 64
 _CHUNK = 128  # fallback scan width in graph mode; divides the padded row count
 _HIGHEST = lax.Precision.HIGHEST
