@@ -132,7 +132,8 @@ def build_files(data: Path, out: Path, *, targets: list[str], pool_size: int, n_
             test = [rows[i] for i in np.sort(order[k + n_train:k + n_train + n_test])]
             domain = f"bbh/{task}"
         else:
-            raise SystemExit(f"unknown target {spec!r}: use gsm8k or bbh:<task> ({', '.join(tasks)})")
+            raise SystemExit(f"unknown target {spec!r}: use gsm8k or bbh:<task> "
+                             f"({', '.join(tasks)})")
         paths = {part: _write(rows, out / f"{name}.{part}.jsonl")
                  for part, rows in (("dev", dev), ("test", test), ("train", own))}
         tables.append({"name": name, "dev": str(paths["dev"]), "test": str(paths["test"]),
