@@ -390,7 +390,7 @@ class _Pipeline:
             val.append(dev.array)
         weights = checkpoint_weights([self.features.get(self.feature_stages[e, "pool"].path,
                                                         "train") for e in self.epochs])
-        return SelectionInputs(train, val, weights)
+        return SelectionInputs(train, val, weights, mesh=self._mesh())
 
     def _pool_inputs_fingerprint(self, scope: Scope) -> list[str]:
         target = self._target(scope)
@@ -401,6 +401,15 @@ class _Pipeline:
             if scope.pool == "with-target":
                 fps.append(self.feature_stages[e, self._role("train", target)].fingerprint)
         return fps
+
+    def _mesh(self):
+        if not self.cfg.select.mesh:
+            return None
+        if not hasattr(self, "_select_mesh"):
+            from g2is_jax import sharding
+
+            self._select_mesh = sharding.make_mesh(sharding.parse_mesh(self.cfg.select.mesh))
+        return self._select_mesh
 
     def select(self, scope: Scope, method: str, ratio: float, seed: int):
         from g2is_jax.data import write_jsonl

@@ -178,6 +178,7 @@ class SelectConfig:
     val_normalize: str = "unit"
     mode: str = "onthefly"
     diagnostics: bool = True
+    mesh: str | None = None  # e.g. "data=8": the walk's rows over this process's devices
 
     def options(self, ratio: float, seed: int):
         """The `SelectOptions` of one selection."""

@@ -175,3 +175,19 @@ def test_target_configs_are_checked(tmp_path):
     cfg = load_run_config(path)
     assert cfg.targets[0].dev == str(path.parent / "x.dev.jsonl")
     assert cfg.targets[0].test == str(tmp_path / "x.test.jsonl")
+
+
+def test_run_selects_on_a_mesh_like_select(tmp_path):
+    """`g2is run` takes select.mesh as `g2is select` takes --mesh: the same selection."""
+    from g2is_jax.pipeline import _Pipeline
+    from g2is_jax.select import SelectionInputs, SelectOptions, run_method
+
+    cfg = config_from_mapping({"suite": {}, "select": {"mesh": "data=4"}})
+    mesh = _Pipeline(cfg, tmp_path, progress=False, echo=False)._mesh()
+    assert mesh is not None and mesh.size == 4
+    rng = np.random.default_rng(3)
+    t, v = rng.standard_normal((300, 16)).astype(np.float32), rng.standard_normal((4, 16))
+    opts = SelectOptions(ratio=0.05, diagnostics=False)
+    on_mesh = run_method("g2is", SelectionInputs([t], [v], mesh=mesh), opts)
+    alone = run_method("g2is", SelectionInputs([t], [v]), opts)
+    assert on_mesh.indices.tolist() == alone.indices.tolist() and len(alone.indices) == 15

@@ -1,6 +1,6 @@
 """The gradient walk: one compiled `lax.while_loop`, no host round trip per selected row.
 
-Semantics (those of the authors' release, see `g2is_select`): for each core-knowledge component k
+Semantics (those of the authors' release, see `plan.g2is_select`): for each walk direction k
 with a budget, an anchor (the unselected row most similar to k), then rows added one at a time.
 A candidate must be unselected, in no conflict with this component's rows (no negative dot) and
 keep consistency (|cos(s + t, k)| >= delta * |cos(s, k)|, s the running sum). The first valid row
@@ -21,10 +21,8 @@ counts rounded to powers of two). Two ways to get neighbours:
   with the component's rows are computed (O(neighbors·budget·d) per row). The fallback scans rows
   in similarity order in chunks of `_CHUNK`, re-checking constraints lazily as the reference does.
 
-The default is "onthefly", by measurement (scripts/bench_select.py, 2 shared CPU cores, N = 20,000,
-d = 1024): the whole selection took 1-2 s on the fly against 20-30 s with a graph, whose O(N²·d)
-build dominates; the walk itself ran at the speed of its matrix-vector products (0.8-1.1× the time
-of the same number of bare products).
+The default is "onthefly": it needs no O(N²·d) graph build, which dominates graph mode's cost
+(measured by scripts/bench_select.py; the numbers are in the README's Performance section).
 
 Sharded (``mesh=`` from `g2is_jax.sharding.make_mesh`): T is padded with zero rows to whole
 row tiles on every device and split by rows over all of the mesh's devices; the same jitted loop
