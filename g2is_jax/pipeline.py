@@ -158,6 +158,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     """Run (or resume) the pipeline of `cfg` in `out`; returns the report (also on disk)."""
     from g2is_jax.data import load_records, suite
     from g2is_jax.featurize import compute_features
+    from g2is_jax.fingerprint import model_fingerprint
     from g2is_jax.models.loading import load_model
     from g2is_jax.projection import Projector
     from g2is_jax.report import write_report
@@ -202,6 +203,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress: bool = True,
 
     # -- warmup -------------------------------------------------------------------------------
     warm_cfg = cfg.warmup.train_config(cfg.max_length)
+    # The model's content (weights, config, tokenizer files), not its path text: every stage
+    # that reads the model depends on it (g2is_jax.fingerprint).
+    model_fp = model_fingerprint(cfg.model)
 
     def warmup(d: Path) -> None:
         model, tok = base_model()
@@ -209,7 +213,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                    run_info={"model": cfg.model, "data": hashes["pool"]}, progress=progress)
 
     warm = runner.stage("warmup", root / "warmup",
-                        {"model": cfg.model, "pool": hashes["pool"],
+                        {"model_fingerprint": model_fp, "pool": hashes["pool"],
                          "train": warm_cfg.to_json()}, warmup)
     epochs = (list(range(1, warm_cfg.epochs + 1)) if cfg.features.checkpoints == "all"
               else [warm_cfg.epochs])
@@ -280,7 +284,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     # -- finetune and evaluate ----------------------------------------------------------------
     ec = cfg.evaluate
     eval_inputs = {"test": hashes["test"], "evaluate": dataclasses.asdict(ec),
-                   "max_length": cfg.max_length, "model": cfg.model}
+                   "max_length": cfg.max_length, "model_fingerprint": model_fp}
 
     def evaluate_into(path: Path, get_model: Callable[[], Any]) -> None:
         from g2is_jax.evaluate import evaluate_records
@@ -322,7 +326,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress: bool = True,
 
         ft = runner.stage(f"finetune: {label} ({len(subset)} records)",
                           root / "finetune" / label,
-                          {"model": cfg.model, "selection": sel_fp, "train": ft_cfg.to_json()},
+                          {"model_fingerprint": model_fp, "selection": sel_fp,
+                           "train": ft_cfg.to_json()},
                           finetune)
 
         def tuned_model(ft=ft, ft_cfg=ft_cfg):
