@@ -221,9 +221,11 @@ def write_file_set(directory: str | os.PathLike[str], files: Mapping[str, Conten
                 if content is None:
                     (d / name).unlink(missing_ok=True)
                 else:
-                    os.replace(temps.pop(name), d / name)
+                    os.replace(temps[name], d / name)
+                    del temps[name]
             fsync_dir(d)
-            os.replace(temps.pop(commit), d / commit)
+            os.replace(temps[commit], d / commit)
+            del temps[commit]
         except OSError as exc:
             raise os_error(d, exc) from None
     finally:

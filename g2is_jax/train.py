@@ -268,11 +268,13 @@ def train_lora(model: Llama, tokenizer, records: Sequence[Record], out: str | Pa
             f"over {cfg.epochs} epoch(s) never fill one optimizer update of grad_accum "
             f"{cfg.grad_accum}: nothing would train; lower grad_accum or batch_size, or raise "
             "fraction")
-    updates_per_epoch = max(n_micro // cfg.grad_accum, 1)
+    # Accumulation carries over epoch ends (optax.MultiSteps keeps its count), so the run makes
+    # exactly this many optimizer updates; the schedule spans them.
+    total_updates = n_micro * cfg.epochs // cfg.grad_accum
     if n_micro < cfg.grad_accum:
-        log.warning("%d micro-batches per epoch, fewer than grad_accum %d: each optimizer update "
-                    "spans epochs", n_micro, cfg.grad_accum)
-    schedule = make_schedule(cfg, updates_per_epoch * cfg.epochs)
+        log.warning("%d micro-batch(es) per epoch, fewer than grad_accum %d: optimizer updates "
+                    "span epochs (%d in all)", n_micro, cfg.grad_accum, total_updates)
+    schedule = make_schedule(cfg, total_updates)
     optimizer = make_optimizer(cfg)
     graphdef, base, lora = split_lora(model)
     opt_state = optimizer.init(lora)
@@ -300,14 +302,15 @@ def train_lora(model: Llama, tokenizer, records: Sequence[Record], out: str | Pa
             bar = progress_bar(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                                enabled=progress)
             for i, b in enumerate(bar):
-                lr = float(schedule(int(opt_state.gradient_step)))
-                if (i + 1) % cfg.grad_accum == 0 or cfg.grad_accum == 1:
-                    lrs.append(lr)
+                update = int(opt_state.gradient_step)
+                lr = float(schedule(update))
                 batch = {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
                          "loss_mask": b.loss_mask}
                 step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), i)
                 lora, opt_state, loss = _train_step(graphdef, optimizer, lora, opt_state, base,
                                                     batch, step_key, np.float32(lr))
+                if int(opt_state.gradient_step) > update:  # this micro-batch applied an update
+                    lrs.append(lr)
                 ep_losses.append(float(loss))
                 if not math.isfinite(ep_losses[-1]):
                     _diverged(out, epoch, f"the loss is {ep_losses[-1]} at micro-batch {i + 1}"
