@@ -134,6 +134,23 @@ def make_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories `make_dir(path)` would create, deepest first."""
+    out = []
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """After a failed write: remove the directories it created, if still empty."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *,
                 encoding: str | None = None) -> Iterator[IO[Any]]:
@@ -146,10 +163,12 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *,
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     target = Path(path)
+    created = _missing_dirs(target.parent)
     make_dir(target.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
+        _remove_empty(created)
         raise os_error(target, exc) from None
     try:
         f = os.fdopen(fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None)
@@ -161,6 +180,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *,
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _remove_empty(created)
         if isinstance(exc, OSError):
             raise os_error(target, exc) from None
         raise
@@ -191,8 +211,10 @@ def write_file_set(directory: str | os.PathLike[str], files: Mapping[str, Conten
     """
     if commit not in files or files[commit] is None:
         raise ValueError(f"the commit file {commit!r} must be one of the files written")
+    created = _missing_dirs(Path(directory))
     d = make_dir(directory)
     temps: dict[str, str] = {}
+    done = False
     try:
         for name, content in files.items():
             if content is None:
@@ -228,9 +250,12 @@ def write_file_set(directory: str | os.PathLike[str], files: Mapping[str, Conten
             del temps[commit]
         except OSError as exc:
             raise os_error(d, exc) from None
+        done = True
     finally:
         for tmp in temps.values():
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        if not done:
+            _remove_empty(created)
     fsync_dir(d)
     return d

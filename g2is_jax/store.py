@@ -270,14 +270,18 @@ class FeatureStore:
             record = _encode(_RANGE, k, int(idx[0]), b"")
         else:
             record = _encode(_LIST, k, 0, idx.astype("<i8").tobytes())
+        committed = self._journal.tell()
         try:
             self._write_rows(idx, rows)
             self._journal.write(record)
             self._journal.flush()
             os.fsync(self._journal.fileno())
         except OSError as e:  # e.g. a full disk: the batch is not committed, the rest is kept
-            with contextlib.suppress(OSError):  # drop a partly appended record
-                self._journal.truncate(self._journal.tell() - len(record))
+            with contextlib.suppress(OSError):  # drop a partly appended record, if any
+                self._journal.seek(committed)
+                self._journal.truncate(committed)
+            with contextlib.suppress(OSError):  # unusable now: a re-open checks the journal
+                self.close()
             raise G2ISError(f"{os_error(self.directory, e)}; the rows committed so far are "
                             "kept: re-run the same command to resume") from None
         self._done[idx] = True
