@@ -196,6 +196,11 @@ def check_config(cfg: RunConfig) -> None:
     for name in ("dim", "batch_size"):
         if getattr(cfg.features, name) < 1:
             raise G2ISError(f"features.{name} must be ≥ 1")
+    for name in ("warmup", "finetune"):  # resolved now, so a bad value fails before any stage
+        try:
+            getattr(cfg, name).train_config(cfg.max_length)
+        except G2ISError as e:
+            raise G2ISError(f"[{name}] {e}") from None
 
 
 def _convert(value: Any, annotation: str, where: str) -> Any:
