@@ -885,7 +885,8 @@ def merge_shards(out: str | os.PathLike[str], shard_dirs: Sequence[str | os.Path
         diffs = _diff(first, common(meta), "")
         if diffs:
             raise G2ISError(f"shard {d} was computed with another configuration than "
-                            f"{parts[0][0]}:\n  " + "\n  ".join(diffs))
+                            f"{parts[0][0]} ({'; '.join(diffs[:4])}); merge the shards of one "
+                            "run only")
         if rows.size and (rows.min() < 0 or rows.max() >= n or seen[rows].any()):
             raise G2ISError(f"shard {d} holds rows outside 0..{n - 1} or rows another shard "
                             "holds; merge the shards of one run only")

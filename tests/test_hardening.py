@@ -400,3 +400,20 @@ def test_logging_is_the_clis_own(capsys):
     finally:
         setup_logging(False)
         root.removeHandler(plain)
+
+
+def test_warmup_resume_compares_model_content_not_path_text(tmp_path):
+    """Issue 12.1 for `g2is warmup`: run_info held the --model text (so `dir/` was refused and
+    replaced weights were not)."""
+    from g2is_jax.train import _check_run_info
+
+    info = {"train_config": TRAIN.to_json(), "record_ids": ["a"], "model": "/m/model",
+            "model_fingerprint": "ab" * 32, "data": "/d/pool.jsonl", "data_sha256": "cd" * 32}
+    _check_run_info(tmp_path, info)
+    _check_run_info(tmp_path, {**info, "model": "/elsewhere/model/", "data": "/x/pool.jsonl"})
+    with pytest.raises(G2ISError, match=r"other settings \(changed: the model's weights"):
+        _check_run_info(tmp_path, {**info, "model_fingerprint": "ef" * 32})
+    with pytest.raises(G2ISError, match=r"changed: the data file's content"):
+        _check_run_info(tmp_path, {**info, "data_sha256": "00" * 32})
+    with pytest.raises(G2ISError, match=r"the training config \(\['epochs'\]\)"):
+        _check_run_info(tmp_path, {**info, "train_config": {**TRAIN.to_json(), "epochs": 9}})
