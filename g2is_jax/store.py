@@ -568,6 +568,9 @@ class FeatureMeta(Mapping[str, Any]):
     moments_fingerprint: str | None = None
     store_format: int | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The keys of the file it was read from, in order (null values included): the mapping view
+    # and `to_json` give back that document, so a read-modify-write keeps meta.json's bytes.
+    keys_read: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     @classmethod
     def from_json(cls, doc: Any, where: Any = "meta") -> FeatureMeta:
@@ -592,7 +595,7 @@ class FeatureMeta(Mapping[str, Any]):
         projection = doc.get("projection")
         if projection is not None and not isinstance(projection, Mapping):
             raise _schema_error(where, "projection", "an object", projection)
-        typed = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        typed = {f.name for f in dataclasses.fields(cls)} - {"extra", "keys_read"}
         return cls(
             n=n,
             dim=_int_field(doc, "dim", where, low=1, required=True),
@@ -609,30 +612,31 @@ class FeatureMeta(Mapping[str, Any]):
             moments_fingerprint=_str_field(doc, "moments_fingerprint", where),
             store_format=_int_field(doc, "store_format", where, low=1, required=False),
             extra={k: v for k, v in doc.items() if k not in typed},
+            keys_read=tuple(doc),
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON form (typed fields that are None left out, extra keys kept)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "extra" or value is None:
-                continue
-            out[f.name] = list(value) if f.name == "record_ids" else value
-        return {**out, **self.extra}
+        """The JSON form: the document read (same keys, same order), or for a FeatureMeta built
+        in code its typed fields that are not None, then `extra`."""
+        return {k: self[k] for k in self._keys()}
 
     # -- the read-only mapping view
     def _keys(self) -> list[str]:
-        names = [f.name for f in dataclasses.fields(self)
-                 if f.name != "extra" and getattr(self, f.name) is not None]
+        if self.keys_read:
+            return list(self.keys_read)
+        names = [n for n in self._typed() if getattr(self, n) is not None]
         return names + [k for k in self.extra if k not in names]
 
+    @classmethod
+    def _typed(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "keys_read")]
+
     def __getitem__(self, key: str) -> Any:
-        if key != "extra" and key in self.__dataclass_fields__:
+        if key in self._typed():
             value = getattr(self, key)
-            if value is None:
+            if value is None and key not in self.keys_read:
                 raise KeyError(key)
-            return list(value) if key == "record_ids" else value
+            return list(value) if key == "record_ids" and value is not None else value
         return self.extra[key]
 
     def __iter__(self) -> Iterator[str]:

@@ -417,3 +417,19 @@ def test_warmup_resume_compares_model_content_not_path_text(tmp_path):
         _check_run_info(tmp_path, {**info, "data_sha256": "00" * 32})
     with pytest.raises(G2ISError, match=r"the training config \(\['epochs'\]\)"):
         _check_run_info(tmp_path, {**info, "train_config": {**TRAIN.to_json(), "epochs": 9}})
+
+
+def test_typed_meta_reads_back_the_document(tmp_path):
+    """The schema-checked meta is also the document it was read from (same keys, order and
+    nulls), so code that rewrites a store's meta (merging shards) keeps its bytes."""
+    from g2is_jax.store import FeatureMeta, read_features
+
+    meta = {"model": "m", "checkpoint_lr": None, "gradient": "sgd",
+            "record_ids": ["a", "b", "c"], "zeta": {"k": [1, 2]}}
+    write_features(tmp_path / "s", np.ones((3, 2), np.float32), meta)
+    doc = json.loads((tmp_path / "s" / "meta.json").read_text())
+    fs = read_features(tmp_path / "s")
+    assert isinstance(fs.meta, FeatureMeta) and fs.meta.gradient == "sgd"
+    assert fs.meta.record_ids == ("a", "b", "c") and fs.meta.extra["zeta"] == {"k": [1, 2]}
+    assert dict(fs.meta) == doc and list(fs.meta) == list(doc) and fs.meta.to_json() == doc
+    assert fs.meta.get("checkpoint_lr", "absent") is None and "checkpoint_epoch" not in fs.meta
