@@ -60,10 +60,10 @@ def fingerprint(inputs: Any) -> str:
 
 
 def _write_json(path: Path, doc: Any) -> None:
+    from g2is_jax.io import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, doc)
 
 
 @dataclasses.dataclass
@@ -214,6 +214,11 @@ class _Pipeline:
         self.features = _Features()
         self._model: Any = None
         self.t_start = time.perf_counter()
+        from g2is_jax.fingerprint import model_fingerprint
+
+        # The model's content (weights, config, tokenizer files), not its path text: every
+        # stage that reads the model depends on it (g2is_jax.fingerprint).
+        self.model_fp = model_fingerprint(cfg.model)
 
     # -- shared resources ----------------------------------------------------------------------
 
@@ -307,7 +312,8 @@ class _Pipeline:
 
         self.warm = self.runner.stage(
             "warmup", self.root / "warmup",
-            {"model": cfg.model, "pool": self.hashes["pool"], "train": warm_cfg.to_json()},
+            {"model_fingerprint": self.model_fp, "pool": self.hashes["pool"],
+             "train": warm_cfg.to_json()},
             warmup)
         self.epochs = (list(range(1, warm_cfg.epochs + 1)) if cfg.features.checkpoints == "all"
                        else [warm_cfg.epochs])
@@ -448,7 +454,7 @@ class _Pipeline:
         ec = self.cfg.evaluate
         inputs = {"test": self.hashes[self._role("test", target)],
                   "evaluate": dataclasses.asdict(ec), "max_length": self.cfg.max_length,
-                  "model": self.cfg.model}
+                  "model_fingerprint": self.model_fp}
         if target.max_new_tokens is not None:
             inputs["max_new_tokens"] = target.max_new_tokens
         return inputs
@@ -499,7 +505,8 @@ class _Pipeline:
         ft_cfg = cfg.finetune.train_config(cfg.max_length, seed=seed, fraction=1.0)
         pool_id = {"pool": self.hashes["pool"], "setting": scope.pool,
                    "own": self.hashes.get(self._role("train", self._target(scope)))}
-        ft_inputs = {"model": cfg.model, "subset": fingerprint({**pool_id, "indices": indices}),
+        ft_inputs = {"model_fingerprint": self.model_fp,
+                     "subset": fingerprint({**pool_id, "indices": indices}),
                      "train": ft_cfg.to_json()}
         row = {"target": scope.target, "pool": scope.pool, "method": method, "ratio": ratio,
                "seed": seed, "n_train": len(subset)}

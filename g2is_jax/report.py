@@ -22,6 +22,7 @@ import numpy as np
 
 from g2is_jax.compare import compare_runs
 from g2is_jax.data import Record
+from g2is_jax.io import atomic_write
 
 METRICS = ("mean_loss", "exact_match")
 REFERENCES = ("less", "random")  # what each walk method is compared with
@@ -179,8 +180,8 @@ def write_report(root: Path, *, cfg, results: list[dict[str, Any]],
         "stages": stages,
         "seconds": seconds,
     }
-    (root / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (root / "report.md").write_text(format_report(report))
+    atomic_write(root / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write(root / "report.md", format_report(report))
     return report
 
 

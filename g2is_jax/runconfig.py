@@ -107,46 +107,35 @@ class TargetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    """A `TRAIN_PRESETS` name and the fields to override (None keeps the preset's)."""
+    """A `TRAIN_PRESETS` name and the fields to override (None keeps the preset's); resolved by
+    `g2is_jax.train.resolve_train_config`, as `g2is warmup` and `g2is train` resolve their flags
+    (a `lora_rank` without `lora_alpha` keeps the preset's alpha/rank scaling)."""
 
     preset: str = "cpu"
     fraction: float | None = None
     epochs: int | None = None
     learning_rate: float | None = None
     schedule: str | None = None
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None
     batch_size: int | None = None
     grad_accum: int | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None
+    lora_targets: str | None = None  # comma-separated: q,k,v,o,gate,up,down
     seed: int = 0
 
     def train_config(self, max_length: int, *, seed: int | None = None, fraction: float | None
                      = None):
-        from g2is_jax.models.config import LoraConfig
-        from g2is_jax.train import TRAIN_PRESETS
+        from g2is_jax.train import resolve_train_config
 
-        if self.preset not in TRAIN_PRESETS:
-            raise G2ISError(f"unknown training preset {self.preset!r}; use one of "
-                            f"{', '.join(TRAIN_PRESETS)}")
-        base = TRAIN_PRESETS[self.preset]
-        lora = base.lora
-        rank = self.lora_rank if self.lora_rank is not None else lora.rank
-        alpha = self.lora_alpha if self.lora_alpha is not None else (
-            lora.alpha if self.lora_rank is None else 4.0 * rank)
-        lora = LoraConfig(rank=rank, alpha=alpha, target_modules=lora.target_modules,
-                          dropout=self.lora_dropout if self.lora_dropout is not None
-                          else lora.dropout)
-        changes: dict[str, Any] = {"max_length": max_length, "lora": lora,
-                                   "seed": self.seed if seed is None else seed}
-        for name in ("fraction", "epochs", "learning_rate", "schedule", "batch_size",
-                     "grad_accum"):
-            value = getattr(self, name)
-            if value is not None:
-                changes[name] = value
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "preset"}
+        fields["seed"] = self.seed if seed is None else seed
         if fraction is not None:
-            changes["fraction"] = fraction
-        return dataclasses.replace(base, **changes)
+            fields["fraction"] = fraction
+        return resolve_train_config(self.preset, max_length=max_length, **fields)
 
 
 def _finetune_default() -> TrainSection:
@@ -276,6 +265,12 @@ def check_config(cfg: RunConfig) -> None:
     except G2ISError as exc:
         where = f"select.{exc.param}: " if exc.param else "[select] "
         raise G2ISError(f"{where}{exc}") from None
+
+    for name in ("warmup", "finetune"):  # resolved now, so a bad value fails before any stage
+        try:
+            getattr(cfg, name).train_config(cfg.max_length)
+        except G2ISError as e:
+            raise G2ISError(f"[{name}] {e}") from None
 
 
 def _convert(value: Any, annotation: str, where: str) -> Any:

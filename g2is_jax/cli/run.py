@@ -50,11 +50,13 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from g2is_jax.io import check_output_dir
     from g2is_jax.pipeline import run_pipeline
     from g2is_jax.report import format_report
     from g2is_jax.runconfig import load_run_config
 
     cfg = load_run_config(args.config, overrides_from_args(args))
+    check_output_dir(args.out, "--out")
     report = run_pipeline(cfg, args.out, progress=not args.no_progress)
     print(format_report(report))
     return 0

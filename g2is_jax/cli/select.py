@@ -136,17 +136,21 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from g2is_jax import __version__
+    from g2is_jax.data import read_raw_records
+    from g2is_jax.io import check_output_dir, write_file_set
     from g2is_jax.select import features as feats
     from g2is_jax.select.methods import SelectionInputs, method_config, run_method
 
     options = options_from_args(args)
+
+    check_output_dir(args.out, "--out")  # before any work
     mesh = _scale.setup(args)
     train = feats.load_checkpoints(args.train_features, role="train")
     val = feats.load_checkpoints(args.val_features, role="validation")
     feats.check_pairing(train, val)
     lines = None
     if args.data:  # checked before any compute: a wrong file should fail fast
-        lines = feats.read_jsonl_lines(args.data)
+        lines = read_raw_records(args.data)  # the records grads read, one line each
         feats.check_data_matches(lines, train[0], args.data)
     weights = feats.checkpoint_weights(train)
     subtasks = None
@@ -178,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     doc = result.to_json()
     ids = train[0].record_ids
     if ids is not None:
@@ -195,13 +198,15 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data,
         "version": __version__,
     }
-    tmp = out / "selection.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out / "selection.json")
-    if lines is not None:
-        feats.write_selected(lines, result.indices, out / "selected.jsonl")
-    print(f"{args.method}: selected {len(result.indices)} of {train[0].n} rows "
-          f"(budget {result.budget}) -> {out / 'selection.json'}")
+    # One set: selection.json is committed last, and a stale selected.jsonl is removed.
+    write_file_set(out, {"selected.jsonl": None if lines is None else
+                         b"".join(lines[int(i)] for i in result.indices),
+                         "selection.json": json.dumps(doc, indent=1) + "\n"},
+                   commit="selection.json")
+    print(
+        f"{args.method}: selected {len(result.indices)} of {train[0].n} rows "
+        f"(budget {result.budget}) -> {out / 'selection.json'}"
+    )
     for c in result.per_component:
         pole = {1: " (+ pole)", -1: " (- pole)"}.get(c.pole, "")
         counts = ""
