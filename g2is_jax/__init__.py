@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "g2is_jax.train",
     "TRAIN_PRESETS": "g2is_jax.train",
     "train_lora": "g2is_jax.train",
+    "resolve_train_config": "g2is_jax.train",
     "load_checkpoint": "g2is_jax.train",
     # gradients, projection, store
     "AdamMoments": "g2is_jax.gradients",
@@ -67,6 +68,11 @@ _EXPORTS: dict[str, str] = {
     "flatten_per_example": "g2is_jax.projection",
     "open_store": "g2is_jax.store",
     "load_features": "g2is_jax.store",
+    "read_features": "g2is_jax.store",
+    "write_features": "g2is_jax.store",
+    "FeatureSet": "g2is_jax.store",
+    "FeatureMeta": "g2is_jax.store",
+    "model_fingerprint": "g2is_jax.fingerprint",
     "compute_features": "g2is_jax.featurize",
     # selection
     "g2is_select": "g2is_jax.select",

@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from g2is_jax import __version__, sharding
 from g2is_jax.data import Batch, Record, encode_records, length_buckets, make_batches
 from g2is_jax.errors import G2ISError
+from g2is_jax.fingerprint import tokenizer_fingerprint, tree_fingerprint
 from g2is_jax.gradients import AdamMoments, feature_fn
 from g2is_jax.models.llama import Llama
 from g2is_jax.models.lora import (
@@ -50,7 +51,7 @@ from g2is_jax.models.lora import (
 )
 from g2is_jax.progress import progress_bar
 from g2is_jax.projection import Projector, flatten_per_example
-from g2is_jax.store import FEATURES, merge_shards, open_store, save_shard_rows
+from g2is_jax.store import FEATURES, GRADIENTS, merge_shards, open_store, save_shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,22 @@ def representation_fn(graphdef) -> Any:
 
 
 def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: str | Path, *,
-                     gradient: str, projector: Projector, moments: AdamMoments | None = None,
+                     gradient: str, projector: Projector | None = None,
+                     moments: AdamMoments | None = None,
                      batch_size: int = 8, max_length: int = 2048,
                      meta: dict[str, Any] | None = None, overwrite: bool = False,
                      progress: bool = True, mesh: Mesh | None = None) -> Path:
     """Write the features of `records` (row i = record i) to the store `out`.
 
     `gradient` is "sgd", "adam" or "sign" (gradients with respect to the LoRA adapters `model`
-    carries, projected by `projector`), or "representation": the final hidden state at each
-    record's last token, as LESS's RDS baseline uses (unprojected, width = hidden size).
+    carries, projected by `projector`, required), or "representation": the final hidden state at
+    each record's last token, as LESS's RDS baseline uses (unprojected, width = hidden size;
+    `projector` must be None or ``Projector(kind="none")``).
+    meta.json records content fingerprints of what the rows depend on: the adapters
+    (``lora_fingerprint``), the Adam moments (``moments_fingerprint``, adam only) and the
+    tokenizer; the base weights' identity is the caller's to give in `meta`
+    (``model_fingerprint``, from `g2is_jax.fingerprint.model_fingerprint`), else the ``model``
+    text in `meta` is compared. A resume under any other value is refused.
     `mesh` (`g2is_jax.sharding.make_mesh`; default: every device on ``data``) splits each batch
     over its devices and the base weights over its ``fsdp`` axis; with several processes each
     writes its own rows and process 0 merges them (module docstring).
@@ -88,18 +96,28 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
     """
     if not records:
         raise G2ISError("no records to compute features for")
-    if batch_size < 1:
-        raise G2ISError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if gradient not in GRADIENTS:
+        raise G2ISError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise G2ISError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    if gradient == "adam" and moments is None:
+        raise G2ISError("gradient='adam' needs the checkpoint's Adam moments (moments=...)")
     mesh = sharding.make_mesh() if mesh is None else mesh
     graphdef, base, lora = split_lora(model)
     n_params = count_params(lora)
     if gradient == "representation":
+        if projector is not None and projector.kind != "none":
+            raise G2ISError("representation features are not projected: pass projector=None "
+                            f"(got a {projector.kind!r} projector)")
         projector = Projector(kind="none")
         dim = model.config.hidden_size
     else:
         if model.lora_config is None:
             raise G2ISError("the model has no LoRA adapters: pass a warmup --checkpoint or a "
                             "PEFT --adapter")
+        if projector is None:
+            raise G2ISError(f"{gradient} features need a projector (e.g. "
+                            "Projector(kind='rademacher', dim=8192), or kind='none')")
         dim = projector.out_dim(n_params)
         # Flatten, then project once: projecting leaf by leaf (`Projector.apply_tree`) compiles
         # one loop per LoRA leaf (240 for SmolLM2 on q,k,v,o), measured 77 s of XLA compile
@@ -124,7 +142,12 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         "record_ids": [r.id for r in records],
         "package_version": __version__,
         "jax_version": jax.__version__,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "lora_fingerprint": tree_fingerprint(lora),
+        "moments_fingerprint": tree_fingerprint(moments) if gradient == "adam" else None,
     }
+    # Paths are for people; what is compared on resume is the content they held.
+    ignore = IGNORED_META + tuple(k for k, fp in _PATH_KEYS.items() if full_meta.get(fp))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
     batches = make_batches(encoded, batch_size=batch_size, buckets=length_buckets(max_length),
@@ -141,17 +164,23 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
     step = _feature_step(graphdef, gradient, projector, mesh)
     if jax.process_count() == 1:
         with open_store(out, full_meta, len(records), dim, overwrite=overwrite,
-                        ignore=IGNORED_META) as store:
-            _run_batches(store, batches, plan, step, placed, gradient, progress, None)
+                        ignore=ignore) as store:
+            _run_batches(store, batches, plan, step, placed, gradient, progress, None,
+                         full_meta["record_ids"])
             return store.finalize()
     return _compute_multiprocess(Path(out), full_meta, dim, batches, plan, step, placed,
-                                 gradient, progress, overwrite)
+                                 gradient, progress, overwrite, ignore)
 
 
 IGNORED_META = ("package_version", "jax_version")
+# A path key of meta and the content fingerprint that stands for it when present.
+_PATH_KEYS = {"model": "model_fingerprint", "checkpoint": "lora_fingerprint",
+              "adapter": "lora_fingerprint", "data": "data_sha256"}
+MAX_BAD_RECORDS = 1000  # stop computing once this many records had non-finite gradients
 
 
-@functools.lru_cache(maxsize=32)
+# Bounded: each entry holds compiled programs; 8 structures cover a run's checkpoints and roles.
+@functools.lru_cache(maxsize=8)
 def _feature_step(graphdef, gradient: str, projector: Projector, mesh: Mesh):
     """The jitted features program, one per (model structure, gradient type, projection, mesh).
 
@@ -192,7 +221,8 @@ class _Plan(NamedTuple):
 
 
 def _run_batches(store, batches: list[Batch], plan: _Plan, step, placed, gradient: str,
-                 progress: bool, to_local: np.ndarray | None) -> None:
+                 progress: bool, to_local: np.ndarray | None,
+                 record_ids: Sequence[str]) -> None:
     """Compute and commit every batch not yet committed by every process.
 
     `to_local` maps a record index to this process's shard-store row (None: the store is the
@@ -214,6 +244,7 @@ def _run_batches(store, batches: list[Batch], plan: _Plan, step, placed, gradien
                  len(batches))
     lora, base, moments = placed
     t0, done = time.perf_counter(), 0
+    bad: list[int] = []  # records with non-finite rows: their batches are not stored
     bar = progress_bar(todo, desc=f"{gradient} features", unit="batch",
                        enabled=progress and sharding.is_primary())
     for b in bar:
@@ -222,12 +253,10 @@ def _run_batches(store, batches: list[Batch], plan: _Plan, step, placed, gradien
         finite = sharding.to_host(finite)
         real = indices >= 0
         if not finite[real].all():
-            bad = [str(i) for i in indices[real][~finite[real]]]
-            if store is not None:
-                bad = store.record_ids(local(indices[real][~finite[real]]))
-            raise G2ISError(
-                f"non-finite gradients for records {bad}; they were not stored. Check those "
-                "records (and the checkpoint); the rows computed so far are kept")
+            bad.extend(int(i) for i in indices[real][~finite[real]])
+            if len(bad) >= MAX_BAD_RECORDS:
+                break
+            continue
         rows_idx, rows = [], []
         for start, block in sharding.addressable_rows(feats):
             keep = indices[start : start + block.shape[0]] >= 0
@@ -238,6 +267,19 @@ def _run_batches(store, batches: list[Batch], plan: _Plan, step, placed, gradien
             store.write(local(idx), np.concatenate(rows))
         done += int(real.sum())
         bar.set_postfix(rec_s=f"{done / (time.perf_counter() - t0):.1f}")
+    if bad:
+        _raise_non_finite(bad, record_ids)
+
+
+def _raise_non_finite(bad: list[int], record_ids: Sequence[str]) -> None:
+    shown = ", ".join(record_ids[i] for i in bad[:20])
+    more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+    stopped = (f"; stopped after {len(bad)} such records" if len(bad) >= MAX_BAD_RECORDS
+               else "")
+    raise G2ISError(
+        f"non-finite gradients for {len(bad)} record(s): {shown}{more}{stopped}. Their batches "
+        "were not stored (the others are kept: re-run to resume); check those records and the "
+        "checkpoint (a diverged or fp16-overflowing model gives non-finite gradients)")
 
 
 def shard_dir(out: str | Path, process_id: int, num_processes: int) -> Path:
@@ -249,13 +291,14 @@ SHARDS = "shards"
 
 
 def _compute_multiprocess(out: Path, full_meta: dict[str, Any], dim: int, batches, plan: _Plan,
-                          step, placed, gradient: str, progress: bool, overwrite: bool) -> Path:
+                          step, placed, gradient: str, progress: bool, overwrite: bool,
+                          ignore: Sequence[str] = IGNORED_META) -> Path:
     """Each process commits its rows to its own resumable shard store; after a barrier process 0
     merges the shards into `out` (needs `out` on a file system every process writes to; else
     copy the shard directories there and call `store.merge_shards`)."""
     pid, nproc = jax.process_index(), jax.process_count()
     if (out / FEATURES).exists() and not overwrite:
-        raise G2ISError(f"{out} already holds finished features; load them (load_features), or "
+        raise G2ISError(f"{out} already holds finished features: use them as they are, or "
                         "pass --overwrite to recompute")
     mine = sharding.local_row_positions(plan.mesh, plan.rows)
     rows = np.concatenate([plan.padded(b)[0][mine] for b in batches])
@@ -271,10 +314,11 @@ def _compute_multiprocess(out: Path, full_meta: dict[str, Any], dim: int, batche
                                 "mesh": sharding.mesh_description(plan.mesh),
                                 "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest()}}
         store = open_store(directory, shard_meta, int(rows.size), dim, overwrite=overwrite,
-                           ignore=IGNORED_META)
+                           ignore=ignore)
         save_shard_rows(directory, rows)
     try:
-        _run_batches(store, batches, plan, step, placed, gradient, progress, to_local)
+        _run_batches(store, batches, plan, step, placed, gradient, progress, to_local,
+                     full_meta["record_ids"])
         if store is not None:
             store.finalize()
     finally:

@@ -1,8 +1,9 @@
 """Report plots (matplotlib, Agg backend, PNG): metrics per method and budget, the instruction
 graph around a selection with the walk's path, and budget vs achieved per component.
 
-Each function takes plain arrays and dicts (what `g2is run` writes) and a path, draws one
-figure, saves it and returns the path. Nothing here computes a selection.
+Each function takes arrays and a selection (a `SelectionResult`, or its JSON as in
+selection.json) and a path, draws one figure, saves it and returns the path. Nothing here
+computes a selection.
 """
 
 from __future__ import annotations
@@ -78,17 +79,23 @@ def plot_metric(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path
     return _save(fig, path)
 
 
-def plot_walk(features: np.ndarray, selection: Mapping[str, Any], path: str | Path, *,
+def _as_doc(selection: Any) -> Mapping[str, Any]:
+    return selection.to_json() if hasattr(selection, "to_json") else selection
+
+
+def plot_walk(features: np.ndarray, selection: Any, path: str | Path, *,
               groups: Sequence[str] | None = None, title: str | None = None,
-              seed: int = 0) -> Path:
-    """The pool in 2-D (`layout_2d`), the selected rows marked, and the walk's path drawn per
-    component: consecutive rows chosen by one component are joined in the order chosen; anchors
-    are stars, fallback steps dashed. `groups` (one label per pool row) colours the cloud."""
+              seed: int = 0, xy: np.ndarray | None = None) -> Path:
+    """The pool in 2-D (`layout_2d`, or a precomputed `xy`), the selected rows marked, and the
+    walk's path drawn per walk: consecutive rows chosen by one walk are joined in the order
+    chosen; anchors are stars, fallback steps dashed. `groups` (one label per pool row) colours
+    the cloud."""
     plt = _pyplot()
+    selection = _as_doc(selection)
     idx = np.asarray(selection["indices"], dtype=np.int64)
     comps = np.asarray(selection.get("components") or [-1] * len(idx), dtype=np.int64)
     steps = list(selection.get("steps") or ["score"] * len(idx))
-    xy = layout_2d(features)
+    xy = layout_2d(features) if xy is None else xy
     n = len(xy)
     rng = np.random.default_rng(seed)
     background = np.arange(n) if n <= _MAX_BACKGROUND else np.sort(
@@ -129,12 +136,12 @@ def plot_walk(features: np.ndarray, selection: Mapping[str, Any], path: str | Pa
     return _save(fig, path)
 
 
-def plot_budgets(per_component: Sequence[Mapping[str, Any]], path: str | Path, *,
+def plot_budgets(per_component: Sequence[Any], path: str | Path, *,
                  title: str | None = None) -> Path:
-    """Per core-knowledge component: its budget and the rows the walk selected (neighbour and
-    fallback steps stacked)."""
+    """Per walk (a core-knowledge component, or one pole of it): its budget and the rows the
+    walk selected (neighbour and fallback steps stacked)."""
     plt = _pyplot()
-    comps = list(per_component)
+    comps = [_as_doc(c) for c in per_component]
     x = np.arange(len(comps))
     budget = np.array([c["budget"] for c in comps], dtype=float)
     fallback = np.array([c.get("fallback_steps", 0) for c in comps], dtype=float)
@@ -144,7 +151,9 @@ def plot_budgets(per_component: Sequence[Mapping[str, Any]], path: str | Path, *
     ax.bar(x + 0.2, selected - fallback, 0.38, color="tab:blue", label="selected (walk)")
     ax.bar(x + 0.2, fallback, 0.38, bottom=selected - fallback, color="tab:orange",
            label="selected (fallback)")
-    ax.set_xticks(x, [f"{c['component']}\nw={c['weight']:.2f}" for c in comps])
+    pole = {1: "+", -1: "−"}
+    ax.set_xticks(x, [f"{c['component']}{pole.get(c.get('pole', 0), '')}\nw={c['weight']:.2f}"
+                      for c in comps])
     ax.set_xlabel("core-knowledge component (budget weight)")
     ax.set_ylabel("rows")
     ax.set_title(title or "budget vs achieved per component")

@@ -47,14 +47,13 @@ P = 12 000 and d = 1024, RMS over 64 seeds: rademacher 0.065, gaussian 0.065, sp
 against 0.067, 0.067, 0.066 from the variance formulas; the sparse kind's error spreads a little
 more across seeds (standard deviation 0.020 against 0.014 for rademacher).
 
-Why this fast kind (measured on a shared 2-core CPU, P = 10^6, d = 8192, batch 32, one run of
-scripts/bench_projection.py --alternatives): dense rademacher 52.9 s per batch; this sparse
-kind (nnz = 4) 0.52 s (102x); a count-sketch with fully hashed buckets 1.14 s (46x: a serial
-scatter-add, about 4 ns per float on CPU, and non-deterministic atomics on GPU); a blocked
-subsampled randomized Hadamard transform 0.57 s (93x, and that prototype samples a contiguous
-row range; a random row subset adds a gather). The SRHT has lighter tails for spiky vectors,
-but the block-cyclic sketch is as fast or faster, has exactly the dense kind's mean and no more
-variance, needs no power-of-two sizes and is a few lines of fused vector code.
+Why this fast kind (`scripts/bench_projection.py --alternatives`; the measured table is in the
+README's Performance section): the dense kinds cost ``2·P·d`` flops per record and ``P·d``
+random numbers per batch; a count-sketch with fully hashed buckets is a serial scatter-add on
+CPU and non-deterministic atomics on GPU; a blocked subsampled randomized Hadamard transform
+has lighter tails for spiky vectors but needs power-of-two sizes and a gather for a random row
+subset. The block-cyclic sketch was as fast or faster than both, has exactly the dense kind's
+mean and no more variance, and is a few lines of fused vector code.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The report of a `g2is run`: report.json (everything), report.md (tables + plots), plots/.
 
-Rows are one per (method, ratio, seed) fine-tune plus `base` (no fine-tune): target-test mean
-loss (mean over records of the mean completion-token NLL) and exact-match accuracy. Where the
-pool's records carry generator labels (`meta.domain`, `meta.kind`, as the synthetic suite's do),
-each selection is also scored against them: how much of it is target-domain data, clean or
-conflicting, and how much is distractors.
+Rows are one per (target, pool setting, method, ratio, seed) fine-tune plus `base` (no
+fine-tune) per target: target-test mean loss (mean over records of the mean completion-token NLL)
+and exact-match accuracy. The summary gives mean ± standard deviation over seeds; the paired
+comparisons (compare.py) give each walk method's difference to less and to random with a
+bootstrap confidence interval and a verdict. Where the pool's records carry labels
+(`meta.domain`, `meta.kind`, as the synthetic suite's and the experiment script's do), each
+selection is also scored against them. The diagnostics say, per selection, whether the walk's
+no-conflict rule could mean anything on these features.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from g2is_jax.compare import compare_runs
 from g2is_jax.data import Record
+from g2is_jax.io import atomic_write
 
 METRICS = ("mean_loss", "exact_match")
+REFERENCES = ("less", "random")  # what each walk method is compared with
 
 
 def selection_quality(pool: Sequence[Record], indices: Sequence[int],
@@ -40,21 +46,60 @@ def selection_quality(pool: Sequence[Record], indices: Sequence[int],
             "domains": dict(Counter(str(m.get("domain")) for m in chosen).most_common())}
 
 
+def _group_key(r: Mapping[str, Any]) -> tuple:
+    return (r.get("target", ""), r.get("pool"), r["method"], r["ratio"])
+
+
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds per (method, ratio)."""
-    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    """Mean and standard deviation over seeds per (target, pool setting, method, ratio)."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["ratio"]), []).append(r)
+        groups.setdefault(_group_key(r), []).append(r)
     out = []
-    for (method, ratio), rs in groups.items():
-        entry: dict[str, Any] = {"method": method, "ratio": ratio, "seeds": len(rs),
-                                 "n_train": rs[0]["n_train"]}
+    for (target, pool, method, ratio), rs in groups.items():
+        entry: dict[str, Any] = {"target": target, "pool": pool, "method": method,
+                                 "ratio": ratio, "seeds": len(rs), "n_train": rs[0]["n_train"]}
+        same = sorted({r["same_as"] for r in rs if r.get("same_as")})
+        if same:
+            entry["same_as"] = same
         for m in METRICS:
             vals = [r[m] for r in rs if r.get(m) is not None]
             if vals:
                 entry[m] = float(np.mean(vals))
                 entry[f"{m}_std"] = float(np.std(vals))
         out.append(entry)
+    return out
+
+
+def comparisons(root: Path, rows: Sequence[Mapping[str, Any]], *, seed: int = 0
+                ) -> list[dict[str, Any]]:
+    """Paired comparisons of every walk method with less and random, per target, pool setting
+    and ratio, on the per-record test metrics of the same fine-tune seeds."""
+    by_group: dict[tuple, dict[Any, Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["method"] in ("base", "full") or "eval" not in r:
+            continue
+        by_group.setdefault(_group_key(r), {})[r["seed"]] = r
+    out = []
+    for (target, pool, method, ratio), runs in by_group.items():
+        if not method.startswith("g2is"):
+            continue
+        for ref in REFERENCES:
+            other = by_group.get((target, pool, ref, ratio))
+            if not other:
+                continue
+            seeds = sorted(set(runs) & set(other))
+            if not seeds:
+                continue
+            docs_a = [json.loads((root / runs[s]["eval"]).read_text()) for s in seeds]
+            docs_b = [json.loads((root / other[s]["eval"]).read_text()) for s in seeds]
+            entry: dict[str, Any] = {"target": target, "pool": pool, "ratio": ratio,
+                                     "method": method, "against": ref, "seeds": seeds}
+            for m in METRICS:
+                res = compare_runs(docs_a, docs_b, m, seed=seed)
+                if res is not None:
+                    entry[m] = res
+            out.append(entry)
     return out
 
 
@@ -73,46 +118,76 @@ def _groups(pool: Sequence[Record], target: str | None) -> list[str] | None:
 
 
 def write_report(root: Path, *, cfg, results: list[dict[str, Any]],
-                 selections: Mapping[str, Mapping[str, Any]], pool: Sequence[Record],
+                 selections: Mapping[str, Mapping[str, Any]],
+                 pools: Mapping[str, Sequence[Record]], scopes: Sequence[Any],
                  sizes: Mapping[str, int], stages: list[dict[str, Any]],
-                 machine: Mapping[str, Any], pool_features: np.ndarray | None,
+                 machine: Mapping[str, Any], pool_features: Mapping[str, np.ndarray],
                  seconds: float) -> dict[str, Any]:
-    """Write RUN/report.json, RUN/report.md and RUN/plots/*.png; return the report dict."""
+    """Write RUN/report.json, RUN/report.md and RUN/plots/*.png; return the report dict.
+
+    `selections` maps a selection's name (scope prefix + label) to {"result": SelectionResult,
+    "doc": its selection.json}; `pools` and `pool_features` are keyed by scope prefix.
+    """
     from g2is_jax import plots
 
-    target = cfg.target_domain
-    quality = {label: q for label, sel in selections.items()
-               if (q := selection_quality(pool, sel["indices"], target)) is not None}
+    quality, diagnostics = {}, {}
+    for name, sel in selections.items():
+        scope = _scope_of(name, scopes)
+        res = sel["result"]
+        q = selection_quality(pools[scope.prefix], res.indices, scope.domain)
+        if q is not None:
+            quality[name] = q
+        if res.diagnostics:
+            diagnostics[name] = res.diagnostics
     plot_dir = root / "plots"
     figures: dict[str, str] = {}
-    for m in METRICS:
-        if any(r.get(m) is not None for r in results):
-            p = plots.plot_metric(results, m, plot_dir / f"{m}.png")
-            figures[m] = str(p.relative_to(root))
-    groups = _groups(pool, target)
-    for label, sel in selections.items():
-        if not label.startswith("g2is") or pool_features is None:
+    for scope in scopes:
+        rows = [r for r in results if r.get("target", "") == scope.target
+                and r.get("pool") in (scope.pool, None)]
+        for m in METRICS:
+            if any(r.get(m) is not None for r in rows):
+                stem = f"{scope.target}-{scope.pool}-{m}" if scope.prefix else m
+                title = f"{scope.target} ({scope.pool} pool): {m}" if scope.prefix else None
+                p = plots.plot_metric(rows, m, plot_dir / f"{stem}.png", title=title)
+                figures[stem if scope.prefix else m] = str(p.relative_to(root))
+        feats = pool_features.get(scope.prefix)
+        if feats is None:
             continue
-        p = plots.plot_walk(pool_features, sel, plot_dir / f"walk_{label}.png", groups=groups,
-                            title=f"{label}: the pool's gradient features and the walk")
-        figures[f"walk {label}"] = str(p.relative_to(root))
-        p = plots.plot_budgets(sel["per_component"], plot_dir / f"budgets_{label}.png",
-                               title=f"{label}: budget vs achieved per component")
-        figures[f"budgets {label}"] = str(p.relative_to(root))
+        xy = plots.layout_2d(feats)
+        groups = _groups(pools[scope.prefix], scope.domain)
+        for name, sel in selections.items():
+            if _scope_of(name, scopes) != scope or not sel["result"].method.startswith("g2is"):
+                continue
+            stem = name.replace("/", "-")
+            p = plots.plot_walk(feats, sel["result"], plot_dir / f"walk_{stem}.png",
+                                groups=groups, xy=xy,
+                                title=f"{name}: the pool's gradient features and the walk")
+            figures[f"walk {name}"] = str(p.relative_to(root))
+            p = plots.plot_budgets(sel["result"].per_component, plot_dir / f"budgets_{stem}.png",
+                                   title=f"{name}: budget vs achieved per component")
+            figures[f"budgets {name}"] = str(p.relative_to(root))
     report = {
         "config": cfg.to_json(),
         "machine": dict(machine),
         "sizes": dict(sizes),
         "results": results,
         "summary": summarize(results),
+        "comparisons": comparisons(root, results),
         "selection_quality": quality,
+        "diagnostics": diagnostics,
+        "conventions": {name: sel["result"].conventions for name, sel in selections.items()},
         "figures": figures,
         "stages": stages,
         "seconds": seconds,
     }
-    (root / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (root / "report.md").write_text(format_report(report))
+    atomic_write(root / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write(root / "report.md", format_report(report))
     return report
+
+
+def _scope_of(name: str, scopes: Sequence[Any]):
+    """The scope a selection name belongs to (the longest matching prefix)."""
+    return max((s for s in scopes if name.startswith(s.prefix)), key=lambda s: len(s.prefix))
 
 
 def _pm(entry: Mapping[str, Any], key: str, digits: int) -> str:
@@ -124,34 +199,87 @@ def _pm(entry: Mapping[str, Any], key: str, digits: int) -> str:
     return text
 
 
+def _ci(c: Mapping[str, Any], digits: int = 3) -> str:
+    return f"{c['diff']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]"
+
+
+def verdict_lines(comps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per (target, pool, ratio, method, reference): the verdict on each metric."""
+    lines = []
+    for c in comps:
+        parts = []
+        for m, word in (("mean_loss", "test loss"), ("exact_match", "exact match")):
+            if m in c:
+                parts.append(f"{word} {c[m]['verdict']} ({_ci(c[m])})")
+        where = f"{c['target']} ({c['pool']} pool, ratio {c['ratio']:g})" if c["target"] else \
+            f"ratio {c['ratio']:g}"
+        lines.append(f"{where}: {c['method']} vs {c['against']}: " + "; ".join(parts))
+    return lines
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     cfg = report["config"]
     sizes = report["sizes"]
+    sc = cfg["select"]
     lines = [
         f"# g2is run: model `{cfg['model']}`",
         "",
-        f"Pool {sizes['pool']} records, target validation {sizes['dev']}, target test "
-        f"{sizes['test']}; methods {', '.join(cfg['select']['methods'])}, ratios "
-        f"{', '.join(f'{r:g}' for r in cfg['select']['ratios'])}, seeds "
-        f"{', '.join(str(s) for s in cfg['select']['seeds'])}.",
+        "Sizes (records): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f"; methods "
+        f"{', '.join(sc['methods'])}, ratios {', '.join(f'{r:g}' for r in sc['ratios'])}, "
+        f"seeds {', '.join(str(s) for s in sc['seeds'])}. Conventions: pca_sign "
+        f"{sc['pca_sign']}, val_normalize {sc['val_normalize']}, neighbors "
+        f"{sc['neighbors'] or 'all'} (100 is this project's default), delta {sc['delta']}.",
         "",
-        "## Target test metrics",
+        "## Target test metrics (mean ± sd over seeds)",
         "",
-        "| method | ratio | records trained | seeds | test loss | exact match |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| target | pool | method | ratio | records trained | seeds | test loss | exact match |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for e in report["summary"]:
         ratio = "–" if e["method"] in ("base", "full") else f"{e['ratio']:g}"
-        lines.append(f"| {e['method']} | {ratio} | {e['n_train']} | {e['seeds']} | "
-                     f"{_pm(e, 'mean_loss', 3)} | {_pm(e, 'exact_match', 3)} |")
+        note = f" (same set as {', '.join(e['same_as'])})" if e.get("same_as") else ""
+        lines.append(f"| {e.get('target') or '–'} | {e.get('pool') or '–'} | {e['method']}{note} "
+                     f"| {ratio} | {e['n_train']} | {e['seeds']} | {_pm(e, 'mean_loss', 3)} | "
+                     f"{_pm(e, 'exact_match', 3)} |")
+    comps = report.get("comparisons") or []
+    if comps:
+        lines += ["", "## Paired differences (method − reference; 95% bootstrap interval over "
+                  "seeds and test records)", "",
+                  "Lower loss and higher exact match are better. With many comparisons some "
+                  "intervals exclude zero by chance (about 1 in 20 each when nothing differs).",
+                  ""]
+        lines += [f"- {line}" for line in verdict_lines(comps)]
     quality = report.get("selection_quality") or {}
     if quality:
-        lines += ["", "## Selections against the generator's labels", "",
+        lines += ["", "## Selections against the pool's labels", "",
                   "| selection | rows | target (clean) | target (conflicting) | precision | "
-                  "recall | distractors |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "recall | distractors | sources |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for label, q in quality.items():
+            top = ", ".join(f"{k} {v}" for k, v in list(q.get("domains", {}).items())[:4])
             lines.append(f"| {label} | {q['n']} | {q['target_clean']} | {q['target_conflict']} "
-                         f"| {q['precision']:.2f} | {q['recall']:.2f} | {q['distractors']} |")
+                         f"| {q['precision']:.2f} | {q['recall']:.2f} | {q['distractors']} | "
+                         f"{top} |")
+    diag = report.get("diagnostics") or {}
+    if diag:
+        lines += ["", "## Diagnostics: can the no-conflict rule mean anything here?", "",
+                  "| selection | pool pairs with cos < 0 | pool energy on the mean direction | "
+                  "selected pairs with cos < 0 | walk: rejected by conflict / consistency "
+                  "per step |", "|---|---:|---:|---:|---:|"]
+        warnings: dict[str, str] = {}
+        for label, d in diag.items():
+            pool, sel = d.get("pool") or {}, d.get("selection") or {}
+            walk = d.get("walk")
+            per_step = "–"
+            if walk and walk.get("candidates"):
+                per_step = (f"{walk['conflict_rejected'] / walk['candidates']:.1%} / "
+                            f"{walk['consistency_rejected'] / walk['candidates']:.1%}")
+            lines.append(f"| {label} | {pool.get('negative_pair_fraction', 0):.2%} | "
+                         f"{pool.get('mean_direction_energy', 0):.0%} | "
+                         f"{sel.get('negative_pair_fraction', 0):.2%} | {per_step} |")
+            for w in d.get("verdict", []):
+                warnings.setdefault(w, label)
+        if warnings:
+            lines += [""] + [f"- **Warning** ({label}): {w}." for w, label in warnings.items()]
     if report.get("figures"):
         lines += ["", "## Plots", ""]
         for name, rel in report["figures"].items():
@@ -165,4 +293,5 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_report", "selection_quality", "summarize", "write_report"]
+__all__ = ["comparisons", "format_report", "selection_quality", "summarize", "verdict_lines",
+           "write_report"]

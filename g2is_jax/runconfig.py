@@ -15,6 +15,12 @@ optional and every unknown key is an error that names the valid ones::
     dev = "target.dev.jsonl"
     test = "target.test.jsonl"
 
+    [[targets]]             # ... or several targets selecting from one [data] pool
+    name = "gsm8k"
+    dev = "gsm8k.dev.jsonl"
+    test = "gsm8k.test.jsonl"
+    train = "gsm8k.train.jsonl"   # optional: the target's own training split
+
     [warmup]                # a TRAIN_PRESETS name plus overrides
     preset = "cpu"
     fraction = 0.1
@@ -24,9 +30,12 @@ optional and every unknown key is an error that names the valid ones::
     dim = 8192
 
     [select]
-    methods = ["g2is", "less", "random"]
-    ratios = [0.05]
+    methods = ["g2is", "g2is-robust", "less", "random"]
+    ratios = [0.01]
     seeds = [0]
+    pools = ["general", "with-target"]   # with several targets
+    pca_sign = "v-based"
+    val_normalize = "unit"
 
     [finetune]
     preset = "cpu-finetune"
@@ -48,8 +57,11 @@ from pathlib import Path
 from typing import Any
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.vocab import METHOD_NAMES, POOL_SETTINGS
 
-METHODS = ("g2is", "less", "random", "full")
+# The selection methods of `g2is run`: the registry's gradient-feature methods (rds needs
+# representation features) plus "full" (fine-tune on the whole pool, a reference point).
+METHODS = (*(m for m in METHOD_NAMES if m != "rds"), "full")
 CHECKPOINT_CHOICES = ("last", "all")
 
 
@@ -77,47 +89,53 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """One target of a multi-target run: its validation and test files, optionally its own
+    training split (added to the pool in the "with-target" setting)."""
+
+    name: str
+    dev: str
+    test: str
+    train: str | None = None
+    domain: str | None = None  # meta["domain"] of its records in the pool (default: name)
+    max_new_tokens: int | None = None  # generation length for exact match (default: evaluate's)
+
+    @property
+    def label(self) -> str:
+        return self.domain or self.name
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSection:
-    """A `TRAIN_PRESETS` name and the fields to override (None keeps the preset's)."""
+    """A `TRAIN_PRESETS` name and the fields to override (None keeps the preset's); resolved by
+    `g2is_jax.train.resolve_train_config`, as `g2is warmup` and `g2is train` resolve their flags
+    (a `lora_rank` without `lora_alpha` keeps the preset's alpha/rank scaling)."""
 
     preset: str = "cpu"
     fraction: float | None = None
     epochs: int | None = None
     learning_rate: float | None = None
     schedule: str | None = None
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None
     batch_size: int | None = None
     grad_accum: int | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None
+    lora_targets: str | None = None  # comma-separated: q,k,v,o,gate,up,down
     seed: int = 0
 
     def train_config(self, max_length: int, *, seed: int | None = None, fraction: float | None
                      = None):
-        from g2is_jax.models.config import LoraConfig
-        from g2is_jax.train import TRAIN_PRESETS
+        from g2is_jax.train import resolve_train_config
 
-        if self.preset not in TRAIN_PRESETS:
-            raise G2ISError(f"unknown training preset {self.preset!r}; use one of "
-                            f"{', '.join(TRAIN_PRESETS)}")
-        base = TRAIN_PRESETS[self.preset]
-        lora = base.lora
-        rank = self.lora_rank if self.lora_rank is not None else lora.rank
-        alpha = self.lora_alpha if self.lora_alpha is not None else (
-            lora.alpha if self.lora_rank is None else 4.0 * rank)
-        lora = LoraConfig(rank=rank, alpha=alpha, target_modules=lora.target_modules,
-                          dropout=self.lora_dropout if self.lora_dropout is not None
-                          else lora.dropout)
-        changes: dict[str, Any] = {"max_length": max_length, "lora": lora,
-                                   "seed": self.seed if seed is None else seed}
-        for name in ("fraction", "epochs", "learning_rate", "schedule", "batch_size",
-                     "grad_accum"):
-            value = getattr(self, name)
-            if value is not None:
-                changes[name] = value
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "preset"}
+        fields["seed"] = self.seed if seed is None else seed
         if fraction is not None:
-            changes["fraction"] = fraction
-        return dataclasses.replace(base, **changes)
+            fields["fraction"] = fraction
+        return resolve_train_config(self.preset, max_length=max_length, **fields)
 
 
 def _finetune_default() -> TrainSection:
@@ -135,13 +153,31 @@ class FeaturesConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SelectConfig:
+    """Methods, budgets and seeds to compare, and the selection options (`SelectOptions`)."""
+
     methods: tuple[str, ...] = ("g2is", "less", "random")
-    ratios: tuple[float, ...] = (0.05,)
+    ratios: tuple[float, ...] = (0.01,)
     seeds: tuple[int, ...] = (0,)
+    pools: tuple[str, ...] = ("general",)
     delta: float = 0.8
     pca_variance: float = 0.5
     n_components: int | None = None
     neighbors: int = 100
+    pca_sign: str = "v-based"
+    val_normalize: str = "unit"
+    mode: str = "onthefly"
+    diagnostics: bool = True
+    mesh: str | None = None  # e.g. "data=8": the walk's rows over this process's devices
+
+    def options(self, ratio: float, seed: int):
+        """The `SelectOptions` of one selection."""
+        from g2is_jax.select.methods import SelectOptions
+
+        return SelectOptions(ratio=ratio, seed=seed, delta=self.delta,
+                             pca_variance=self.pca_variance, n_components=self.n_components,
+                             neighbors=self.neighbors, pca_sign=self.pca_sign,
+                             val_normalize=self.val_normalize, mode=self.mode,
+                             diagnostics=self.diagnostics)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +199,7 @@ class RunConfig:
     select: SelectConfig = SelectConfig()
     finetune: TrainSection = dataclasses.field(default_factory=_finetune_default)
     evaluate: EvalConfig = EvalConfig()
+    targets: tuple[TargetConfig, ...] = ()
 
     def __post_init__(self):
         check_config(self)
@@ -184,11 +221,27 @@ _SECTIONS = {"suite": SuiteConfig, "data": DataConfig, "warmup": TrainSection,
 
 def check_config(cfg: RunConfig) -> None:
     """Raise a G2ISError for values no stage could run with."""
-    if cfg.suite is None and not (cfg.data.pool and cfg.data.dev and cfg.data.test):
+    if cfg.targets:
+        if cfg.suite is not None or not cfg.data.pool or cfg.data.dev or cfg.data.test:
+            raise G2ISError("with [[targets]], give the pool as [data] pool (no [suite], no "
+                            "[data] dev/test: each target has its own)")
+        names = [t.name for t in cfg.targets]
+        if len(set(names)) != len(names) or not all(n and "/" not in n for n in names):
+            raise G2ISError(f"target names must be distinct and non-empty, without '/': {names}")
+    elif cfg.suite is None and not (cfg.data.pool and cfg.data.dev and cfg.data.test):
         raise G2ISError("the run needs data: a [suite] table, or [data] with pool, dev and test "
-                        "files")
+                        "files, or [data] pool with [[targets]]")
     if cfg.suite is not None and (cfg.data.pool or cfg.data.dev or cfg.data.test):
         raise G2ISError("give either [suite] or [data] files, not both")
+    bad_pools = [p for p in cfg.select.pools if p not in POOL_SETTINGS]
+    if bad_pools or not cfg.select.pools or len(set(cfg.select.pools)) != len(cfg.select.pools):
+        raise G2ISError(f"select.pools must be distinct values of {', '.join(POOL_SETTINGS)}, "
+                        f"got {list(cfg.select.pools)}")
+    if "with-target" in cfg.select.pools:
+        missing = [t.name for t in cfg.targets if not t.train]
+        if not cfg.targets or missing:
+            raise G2ISError("select.pools 'with-target' needs [[targets]] with a train file "
+                            f"each (missing: {missing or 'no [[targets]]'})")
     bad = [m for m in cfg.select.methods if m not in METHODS]
     if bad or not cfg.select.methods:
         raise G2ISError(f"unknown methods {bad or '(none)'}; choose from {', '.join(METHODS)}")
@@ -207,6 +260,17 @@ def check_config(cfg: RunConfig) -> None:
     for name in ("dim", "batch_size"):
         if getattr(cfg.features, name) < 1:
             raise G2ISError(f"features.{name} must be ≥ 1")
+    try:  # the selection options, as every selection will check them
+        cfg.select.options(cfg.select.ratios[0], 0)
+    except G2ISError as exc:
+        where = f"select.{exc.param}: " if exc.param else "[select] "
+        raise G2ISError(f"{where}{exc}") from None
+
+    for name in ("warmup", "finetune"):  # resolved now, so a bad value fails before any stage
+        try:
+            getattr(cfg, name).train_config(cfg.max_length)
+        except G2ISError as e:
+            raise G2ISError(f"[{name}] {e}") from None
 
 
 def _convert(value: Any, annotation: str, where: str) -> Any:
@@ -260,6 +324,20 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     return cls(**{k: _convert(v, fields[k].type, f"{where}.{k}") for k, v in values.items()})
 
 
+def _targets(value: Any, base_dir: str | Path | None) -> tuple[TargetConfig, ...]:
+    if isinstance(value, Mapping) or not isinstance(value, Sequence) or isinstance(value, str):
+        raise G2ISError("targets must be a list of tables ([[targets]] in TOML)")
+    out = []
+    for i, item in enumerate(value):
+        t = _build(TargetConfig, item, f"targets[{i}]")
+        if base_dir is not None:
+            t = dataclasses.replace(t, **{k: str((Path(base_dir) / v).resolve()) for k in
+                                          ("dev", "test", "train")
+                                          if (v := getattr(t, k)) is not None})
+        out.append(t)
+    return tuple(out)
+
+
 def config_from_mapping(doc: Mapping[str, Any], *, base_dir: str | Path | None = None
                         ) -> RunConfig:
     """A RunConfig from a parsed TOML/YAML document; data paths resolved against base_dir."""
@@ -272,7 +350,9 @@ def config_from_mapping(doc: Mapping[str, Any], *, base_dir: str | Path | None =
                         f"{', '.join(top)}")
     kwargs: dict[str, Any] = {}
     for key, value in doc.items():
-        if key in _SECTIONS:
+        if key == "targets":
+            kwargs[key] = _targets(value, base_dir)
+        elif key in _SECTIONS:
             kwargs[key] = None if value is None else _build(_SECTIONS[key], value, key)
         else:
             kwargs[key] = _convert(value, top[key].type, key)
@@ -333,10 +413,17 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
         doc = {**doc, "data": {k: str((Path(path).parent / v).resolve())
                                if k in ("pool", "dev", "test") and isinstance(v, str) else v
                                for k, v in data.items()}}
+    targets = doc.get("targets")
+    if path is not None and isinstance(targets, Sequence) and not isinstance(targets, str):
+        doc = {**doc, "targets": [
+            {k: str((Path(path).parent / v).resolve())
+             if k in ("dev", "test", "train") and isinstance(v, str) else v
+             for k, v in t.items()} if isinstance(t, Mapping) else t for t in targets]}
     # Paths given as overrides are relative to the working directory.
     return config_from_mapping(apply_overrides(doc, overrides), base_dir=Path.cwd())
 
 
-__all__ = ["METHODS", "DataConfig", "EvalConfig", "FeaturesConfig", "RunConfig",
-           "SelectConfig", "SuiteConfig", "TrainSection", "apply_overrides",
+__all__ = ["METHODS", "POOL_SETTINGS", "DataConfig", "EvalConfig", "FeaturesConfig",
+           "RunConfig", "SelectConfig", "SuiteConfig", "TargetConfig", "TrainSection",
+           "apply_overrides",
            "config_from_mapping", "load_run_config", "read_config_file"]

@@ -30,25 +30,35 @@ The crash guarantee is the same: a batch is durable once its journal record is.
 
 Rows are float32 and not normalised. Non-finite rows are refused with their record ids and
 nothing of that batch is stored, so the store stays resumable.
+
+Reading
+-------
+`read_features` is the one reader of feature sets (a store directory or a bare ``.npy``): it
+returns a `FeatureSet`, the array (memory-mapped) and its `FeatureMeta`, the schema of
+meta.json, validated on read and on write. `write_features` writes a whole array as a finished
+store; `file_sha256` is the one file hash of the package.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import struct
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.io import atomic_write, fsync_dir, make_dir, os_error
 
 try:  # POSIX advisory lock; elsewhere the store runs unlocked.
     import fcntl
@@ -75,7 +85,8 @@ _RANGE, _LIST = 0, 1
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
+    """Hex SHA-256 of a file's bytes, read in chunks: the project's one file hash (data files,
+    model files in `g2is_jax.fingerprint`, feature stores)."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -86,22 +97,7 @@ def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+_fsync_dir = fsync_dir
 
 
 def _npy_header(n: int, dim: int) -> bytes:
@@ -138,6 +134,9 @@ def _diff(old: Any, new: Any, key: str) -> list[str]:
             return [f"{key}: {len(old)} items in the store, {len(new)} now"]
         i = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
         return [f"{key}: item {i} is {_short(old[i])} in the store, {_short(new[i])} now"]
+    if key in FINGERPRINT_KEYS and isinstance(old, str) and isinstance(new, str):
+        return [f"{FINGERPRINT_KEYS[key]} changed ({key} {old[:12]} in the store, "
+                f"{new[:12]} now)"]
     return [f"{key}: {_short(old)} in the store, {_short(new)} now"]
 
 
@@ -267,14 +266,24 @@ class FeatureStore:
                 "records and the checkpoint (a diverged or fp16-overflowing model gives "
                 "non-finite gradients)."
             )
-        self._write_rows(idx, rows)
         if np.ndim(where) == 0:
             record = _encode(_RANGE, k, int(idx[0]), b"")
         else:
             record = _encode(_LIST, k, 0, idx.astype("<i8").tobytes())
-        self._journal.write(record)
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        committed = self._journal.tell()
+        try:
+            self._write_rows(idx, rows)
+            self._journal.write(record)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError as e:  # e.g. a full disk: the batch is not committed, the rest is kept
+            with contextlib.suppress(OSError):  # drop a partly appended record, if any
+                self._journal.seek(committed)
+                self._journal.truncate(committed)
+            with contextlib.suppress(OSError):  # unusable now: a re-open checks the journal
+                self.close()
+            raise G2ISError(f"{os_error(self.directory, e)}; the rows committed so far are "
+                            "kept: re-run the same command to resume") from None
         self._done[idx] = True
 
     def _write_rows(self, idx: np.ndarray, rows: np.ndarray) -> None:
@@ -366,6 +375,7 @@ def _full_meta(meta: dict[str, Any], n: int, dim: int) -> dict[str, Any]:
     if ids is not None and (not isinstance(ids, list) or len(ids) != n):
         got = len(ids) if isinstance(ids, list) else type(ids).__name__
         raise G2ISError(f"meta['record_ids'] must list one id per row: n = {n}, got {got}")
+    FeatureMeta.from_json(full, "meta")  # what is written must read back
     return full
 
 
@@ -420,12 +430,11 @@ def open_store(
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         raise G2ISError(f"a feature store needs dim > 0, got {dim!r}")
     full = _full_meta(meta, n, dim)
-    directory = Path(directory)
+    directory = make_dir(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(directory)
     except OSError as e:
-        raise G2ISError(f"cannot create the output directory {directory}: {e.strerror}") from e
-    lock_fd = _lock(directory)
+        raise os_error(directory / LOCK, e) from None
     try:
         if overwrite:
             _remove_store_files(directory)
@@ -441,9 +450,11 @@ def open_store(
         _check_partial(directory, n, dim)
         stored = json.loads((directory / META).read_text())
         return FeatureStore(directory, stored, lock_fd)
-    except BaseException:
+    except BaseException as e:
         if lock_fd is not None:
             os.close(lock_fd)
+        if isinstance(e, OSError):
+            raise os_error(directory, e) from None
         raise
 
 
@@ -457,23 +468,25 @@ def _reconcile(directory: Path, full: dict[str, Any], ignore: set[str]) -> None:
                 f"{directory} holds {', '.join(leftovers)} but no {META}: not a store this "
                 "program can resume; choose a new --out, or --overwrite to discard it"
             )
-        _atomic_write(meta_path, json.dumps(full, indent=1).encode())
+        atomic_write(meta_path, json.dumps(full, indent=1).encode())
         return
     try:
-        stored = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise G2ISError(f"cannot read {meta_path}: {e}; use --overwrite to start again") from e
+        stored = _read_meta_json(meta_path)
+        FeatureMeta.from_json(stored, meta_path)
+    except G2ISError as e:
+        raise G2ISError(f"{e} (or pass --overwrite to start again)") from None
     diffs = _diff(
         {k: v for k, v in stored.items() if k not in ignore},
         {k: v for k, v in full.items() if k not in ignore},
         "",
     )
     if diffs:
+        diffs.sort(key=lambda d: not d.endswith(" now)"))  # what changed in content first
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise G2ISError(
-            f"{directory} holds features for a different input or configuration:\n  "
-            + "\n  ".join(diffs)
-            + "\nRefusing to mix them. Write to a new --out directory, or pass --overwrite to "
-            "discard the stored features and start again."
+            f"{directory} holds features for a different input or configuration ({shown}); "
+            "refusing to mix them: write to a new --out directory, or pass --overwrite to "
+            "discard the stored features"
         )
     if (directory / FEATURES).exists():
         for stale in (PARTIAL, JOURNAL):  # left by a kill between finishing and cleaning up
@@ -481,47 +494,350 @@ def _reconcile(directory: Path, full: dict[str, Any], ignore: set[str]) -> None:
                 (directory / stale).unlink()
         raise G2ISError(
             f"{directory} already holds finished features ({full['n']}x{full['dim']}) for this "
-            "configuration; load them (load_features), or pass --overwrite to recompute"
+            "configuration: use them as they are, or pass --overwrite to recompute"
         )
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- the feature set
+
+
+GRADIENTS = ("sgd", "adam", "sign", "representation")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_CHECK_ROWS = 16384  # rows read at a time when scanning a memory-mapped file
+_MAX_NAMED = 20  # bad records named in a message; the rest are counted
+# What a fingerprint key covers, for messages that say what changed.
+FINGERPRINT_KEYS = {
+    "model_fingerprint": "the model's weights and config",
+    "tokenizer_fingerprint": "the tokenizer",
+    "lora_fingerprint": "the LoRA adapter weights (checkpoint/adapter)",
+    "moments_fingerprint": "the checkpoint's Adam moments",
+    "data_sha256": "the data file's content",
+}
+
+
+def _schema_error(where: Any, key: str, want: str, got: Any) -> G2ISError:
+    return G2ISError(f"{where}: {key!r} must be {want}, got {_short(got, 40)}; the meta.json is "
+                     "damaged or not from g2is: recompute the features (g2is grads --overwrite)")
+
+
+def _int_field(doc: Mapping[str, Any], key: str, where: Any, *, low: int,
+               required: bool) -> int | None:
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise _schema_error(where, key, f"an integer ≥ {low}", "nothing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _schema_error(where, key, f"an integer ≥ {low}", value)
+    return value
+
+
+def _str_field(doc: Mapping[str, Any], key: str, where: Any,
+               choices: Sequence[str] | None = None) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or (choices is not None and value not in choices):
+        want = f"one of {', '.join(choices)}" if choices else "a string"
+        raise _schema_error(where, key, want, value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureMeta(Mapping[str, Any]):
+    """The typed metadata of a feature set (the schema of ``meta.json``).
+
+    Typed fields are validated on read (`from_json`); every other key of the file is kept in
+    `extra`. It is also a read-only mapping over the JSON form (``meta["checkpoint_lr"]``,
+    ``meta.get("gradient")``), so code written against the plain dict keeps working. A typed
+    field that is None reads as absent.
+    """
+
+    n: int
+    dim: int
+    dtype: str = "float32"
+    gradient: str | None = None  # one of GRADIENTS
+    record_ids: tuple[str, ...] | None = None
+    checkpoint_lr: float | None = None
+    checkpoint_epoch: int | None = None
+    data_sha256: str | None = None
+    projection: Mapping[str, Any] | None = None
+    model_fingerprint: str | None = None
+    tokenizer_fingerprint: str | None = None
+    lora_fingerprint: str | None = None
+    moments_fingerprint: str | None = None
+    store_format: int | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The keys of the file it was read from, in order (null values included): the mapping view
+    # and `to_json` give back that document, so a read-modify-write keeps meta.json's bytes.
+    keys_read: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+
+    @classmethod
+    def from_json(cls, doc: Any, where: Any = "meta") -> FeatureMeta:
+        """Validate a parsed meta.json; a G2ISError names the file, the key and the fix."""
+        if not isinstance(doc, Mapping):
+            raise G2ISError(f"{where} must hold a JSON object, got {type(doc).__name__}; "
+                            "recompute the features (g2is grads --overwrite)")
+        n = _int_field(doc, "n", where, low=0, required=True)
+        ids = doc.get("record_ids")
+        if ids is not None:
+            if not isinstance(ids, list) or not all(
+                    isinstance(i, str | int) and not isinstance(i, bool) for i in ids):
+                raise _schema_error(where, "record_ids", "a list of strings", ids)
+            if len(ids) != n:
+                raise G2ISError(f"{where} lists {len(ids)} record_ids but n={n}; the store is "
+                                "damaged or mixed: recompute it (g2is grads --overwrite)")
+            ids = tuple(str(i) for i in ids)
+        lr = doc.get("checkpoint_lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float)
+                               or not math.isfinite(lr) or lr < 0):
+            raise _schema_error(where, "checkpoint_lr", "a finite number ≥ 0 or null", lr)
+        projection = doc.get("projection")
+        if projection is not None and not isinstance(projection, Mapping):
+            raise _schema_error(where, "projection", "an object", projection)
+        typed = {f.name for f in dataclasses.fields(cls)} - {"extra", "keys_read"}
+        return cls(
+            n=n,
+            dim=_int_field(doc, "dim", where, low=1, required=True),
+            dtype=_str_field(doc, "dtype", where, FLOAT_DTYPES) or "float32",
+            gradient=_str_field(doc, "gradient", where, GRADIENTS),
+            record_ids=ids,
+            checkpoint_lr=None if lr is None else float(lr),
+            checkpoint_epoch=_int_field(doc, "checkpoint_epoch", where, low=0, required=False),
+            data_sha256=_str_field(doc, "data_sha256", where),
+            projection=None if projection is None else dict(projection),
+            model_fingerprint=_str_field(doc, "model_fingerprint", where),
+            tokenizer_fingerprint=_str_field(doc, "tokenizer_fingerprint", where),
+            lora_fingerprint=_str_field(doc, "lora_fingerprint", where),
+            moments_fingerprint=_str_field(doc, "moments_fingerprint", where),
+            store_format=_int_field(doc, "store_format", where, low=1, required=False),
+            extra={k: v for k, v in doc.items() if k not in typed},
+            keys_read=tuple(doc),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: the document read (same keys, same order), or for a FeatureMeta built
+        in code its typed fields that are not None, then `extra`."""
+        return {k: self[k] for k in self._keys()}
+
+    # -- the read-only mapping view
+    def _keys(self) -> list[str]:
+        if self.keys_read:
+            return list(self.keys_read)
+        names = [n for n in self._typed() if getattr(self, n) is not None]
+        return names + [k for k in self.extra if k not in names]
+
+    @classmethod
+    def _typed(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "keys_read")]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._typed():
+            value = getattr(self, key)
+            if value is None and key not in self.keys_read:
+                raise KeyError(key)
+            return list(value) if key == "record_ids" and value is not None else value
+        return self.extra[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """A feature matrix (rows × dim; possibly memory-mapped, read-only) and its typed meta."""
+
+    array: np.ndarray
+    meta: FeatureMeta
+    source: str
+
+    @property
+    def n(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def record_ids(self) -> list[str] | None:
+        ids = self.meta.record_ids
+        return None if ids is None else list(ids)
+
+    def row_names(self, rows: Sequence[int]) -> list[str]:
+        """``"<record id> (row i)"`` (or ``"row i"``) for messages."""
+        ids = self.meta.record_ids
+        return [f"{ids[i]} (row {i})" if ids is not None else f"row {i}" for i in rows]
+
+
+def _read_meta_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise G2ISError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise G2ISError(f"{path} is not UTF-8 text; recompute the features "
+                        "(g2is grads --overwrite)") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise G2ISError(f"{path} is nested too deeply to be a meta.json; recompute the "
+                        "features (g2is grads --overwrite)") from None
+    except ValueError as e:
+        raise G2ISError(f"{path} is not valid JSON ({e}); recompute the features "
+                        "(g2is grads --overwrite)") from None
+
+
+def _npy_dtype(descr: np.dtype) -> np.dtype:
+    """The dtype to read: a 2-byte void is how NumPy records ml_dtypes' bfloat16."""
+    if descr.kind == "V" and descr.itemsize == 2 and descr.fields is None:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return descr
+
+
+def _open_npy(path: Path, role: str, *, mmap: bool) -> np.ndarray:
+    """A `.npy` file's array, checked from its header before any data is read."""
+    fix = "recompute the features"
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise G2ISError(f"{path} is not a .npy array file (no NumPy header: damaged, or "
+                                f"another format); {fix}")
+            f.seek(0)
+            try:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, fortran, descr = read(f, max_header_size=1 << 20)
+            except (ValueError, SyntaxError, TypeError, OverflowError) as e:
+                raise G2ISError(f"{path} has a damaged .npy header ({e}); {fix}") from None
+            offset = f.tell()
+        size = path.stat().st_size
+    except OSError as e:
+        raise G2ISError(f"cannot read {path}: {e.strerror or e}") from None
+    if descr.hasobject:
+        raise G2ISError(f"{path}: {role} features must be floating point, got Python objects "
+                        f"(pickled data); {fix}")
+    dtype = _npy_dtype(descr)
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        raise G2ISError(f"{path}: {role} features must be floating point, got {descr}; {fix}")
+    if len(shape) != 2:
+        raise G2ISError(f"{path}: {role} features must be 2-D (rows × dim), got shape {shape}")
+    if shape[0] == 0:
+        raise G2ISError(f"{path}: {role} features have no rows; the {role} set must not be empty")
+    want = offset + int(np.prod(shape)) * dtype.itemsize
+    if size < want:
+        raise G2ISError(f"{path} is truncated ({size} of {want} bytes for {shape[0]}x{shape[1]} "
+                        f"{dtype.name}); {fix}")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise G2ISError(f"cannot read {path} as a .npy array ({e}); {fix}") from None
+    if fortran:  # np.load gives a transposed view; rows must be contiguous for chunked reads
+        arr = np.ascontiguousarray(arr)
+    return arr.view(dtype) if arr.dtype != dtype else arr
+
+
+def _check(fs: FeatureSet, role: str, check_finite: bool) -> None:
+    arr, meta, src = fs.array, fs.meta, fs.source
+    if meta.n != arr.shape[0]:
+        raise G2ISError(f"{src}: meta.json says n={meta.n} but features.npy has {arr.shape[0]} "
+                        "rows; the store is incomplete or mixed: re-run `g2is grads`")
+    if meta.dim != arr.shape[1]:
+        raise G2ISError(f"{src}: meta.json says dim={meta.dim} but features.npy has "
+                        f"{arr.shape[1]} columns; re-run `g2is grads`")
+    if not check_finite:
+        return
+    bad: list[int] = []
+    count = 0
+    for s in range(0, arr.shape[0], _CHECK_ROWS):
+        chunk = np.asarray(arr[s : s + _CHECK_ROWS], dtype=np.float32)
+        rows = np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+        count += rows.size
+        bad.extend((s + rows[: _MAX_NAMED - len(bad)]).tolist())
+    if count:
+        more = f" and {count - len(bad)} more" if count > len(bad) else ""
+        raise G2ISError(f"{src}: {role} features have NaN or Inf in {count} row(s): "
+                        f"{', '.join(fs.row_names(bad))}{more}; recompute them (a diverged "
+                        "checkpoint?) or drop those records")
+
+
+def read_features(path: str | os.PathLike[str], *, role: str = "features", mmap: bool = True,
+                  check_finite: bool = True) -> FeatureSet:
+    """The one reader: a feature-store directory (``features.npy`` + ``meta.json``) or a bare
+    ``.npy`` file (N×d; meta: n and dim only) as a `FeatureSet`.
+
+    The meta is validated against `FeatureMeta`'s schema and against the array; with
+    `check_finite` every row is scanned (in chunks) and all non-finite rows are reported by
+    record id. float16/32/64 and bfloat16 arrays are read as stored; `mmap` maps the file
+    read-only. `role` ("train", "validation", ...) names the set in messages.
+    """
+    p = Path(path)
+    if p.is_dir():
+        meta_path, npy = p / META, p / FEATURES
+        doc = _read_meta_json(meta_path) if meta_path.is_file() else None
+        meta = None if doc is None else FeatureMeta.from_json(doc, meta_path)
+        if not npy.is_file():
+            if meta is not None and ((p / PARTIAL).exists() or (p / JOURNAL).exists()):
+                done, _ = _read_journal(p / JOURNAL, meta.n)
+                hint = ("all rows are written; re-run the same command to finish" if done.all()
+                        else "re-run the same command to resume")
+                raise G2ISError(f"incomplete feature store {p}: {int(done.sum())}/{meta.n} "
+                                f"rows; {hint}")
+            raise G2ISError(f"{p} has no features.npy: not a finished feature store; compute "
+                            "it with `g2is grads --out` (or re-run it to finish)")
+        arr = _open_npy(npy, role, mmap=mmap)
+        if meta is None:
+            meta = FeatureMeta(n=int(arr.shape[0]), dim=int(arr.shape[1]),
+                               dtype=_dtype_name(arr))
+    elif p.is_file():
+        if p.suffix != ".npy":
+            raise G2ISError(f"{p}: {role} features must be a .npy file or a feature-store "
+                            "directory")
+        arr = _open_npy(p, role, mmap=mmap)
+        meta = FeatureMeta(n=int(arr.shape[0]), dim=int(arr.shape[1]), dtype=_dtype_name(arr))
+    else:
+        raise G2ISError(f"no feature store at {p}: {role} features not found (expected a .npy "
+                        "file or a feature-store directory from `g2is grads`)")
+    fs = FeatureSet(arr, meta, str(p))
+    _check(fs, role, check_finite)
+    return fs
+
+
+def _dtype_name(arr: np.ndarray) -> str:
+    name = np.dtype(arr.dtype).name
+    return name if name in FLOAT_DTYPES else "float32"
+
+
+def write_features(directory: str | os.PathLike[str], array: Any, meta: Mapping[str, Any],
+                   *, overwrite: bool = False, chunk_rows: int = 65536) -> Path:
+    """The one-shot writer: ``array`` (N×d) and ``meta`` as a finished store in `directory`
+    (through `open_store`, so the result is what `g2is grads` writes); returns features.npy."""
+    arr = np.asarray(array) if not isinstance(array, np.ndarray) else array
+    if arr.ndim != 2:
+        raise G2ISError(f"features must be 2-D (rows × dim), got shape {arr.shape}")
+    doc = meta.to_json() if isinstance(meta, FeatureMeta) else dict(meta)
+    for key in STORE_KEYS:
+        doc.pop(key, None)
+    with open_store(directory, doc, int(arr.shape[0]), int(arr.shape[1]),
+                    overwrite=overwrite) as store:
+        for s in range(0, arr.shape[0], chunk_rows):
+            store.write(s, arr[s : s + chunk_rows])
+        return store.finalize()
 
 
 def load_features(
     directory: str | os.PathLike[str], *, mmap: bool = False
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """``(features (N, d) float32, meta)`` of a finished store; ``mmap`` maps it read-only."""
-    directory = Path(directory)
-    meta_path = directory / META
-    if not meta_path.exists():
-        raise G2ISError(
-            f"no feature store at {directory} (no {META}); compute it with `g2is grads --out`"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-        n, dim = int(meta["n"]), int(meta["dim"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise G2ISError(f"{meta_path} is not a feature-store meta.json: {e}") from e
-    path = directory / FEATURES
-    if not path.exists():
-        done, _ = _read_journal(directory / JOURNAL, n)
-        hint = (
-            "all rows are written; re-run the same command to finish"
-            if done.all()
-            else "re-run the same command to resume"
-        )
-        raise G2ISError(f"incomplete feature store {directory}: {int(done.sum())}/{n} rows; {hint}")
-    try:
-        features = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise G2ISError(f"cannot read {path}: {e}; recompute it with --overwrite") from e
-    if features.shape != (n, dim) or features.dtype != DTYPE:
-        raise G2ISError(
-            f"{path} is {features.shape} {features.dtype} but {META} says ({n}, {dim}) float32; "
-            "the store is damaged: recompute it with --overwrite"
-        )
-    return features, meta
+) -> tuple[np.ndarray, FeatureMeta]:
+    """``(features (N, d), meta)`` of a finished store: `read_features` without the finite scan
+    (the store refused non-finite rows when they were written)."""
+    fs = read_features(directory, mmap=mmap, check_finite=False)
+    return fs.array, fs.meta
 
 
 # ----------------------------------------------------------------------------- shards
@@ -535,7 +851,7 @@ def save_shard_rows(directory: str | os.PathLike[str], rows: np.ndarray) -> None
     """Record, next to a shard store, which rows of the merged store its rows are."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(rows, dtype="<i8"), allow_pickle=False)
-    _atomic_write(Path(directory) / SHARD_ROWS, buf.getvalue())
+    atomic_write(Path(directory) / SHARD_ROWS, buf.getvalue())
 
 
 def merge_shards(out: str | os.PathLike[str], shard_dirs: Sequence[str | os.PathLike[str]],
@@ -573,7 +889,8 @@ def merge_shards(out: str | os.PathLike[str], shard_dirs: Sequence[str | os.Path
         diffs = _diff(first, common(meta), "")
         if diffs:
             raise G2ISError(f"shard {d} was computed with another configuration than "
-                            f"{parts[0][0]}:\n  " + "\n  ".join(diffs))
+                            f"{parts[0][0]} ({'; '.join(diffs[:4])}); merge the shards of one "
+                            "run only")
         if rows.size and (rows.min() < 0 or rows.max() >= n or seen[rows].any()):
             raise G2ISError(f"shard {d} holds rows outside 0..{n - 1} or rows another shard "
                             "holds; merge the shards of one run only")

@@ -1,20 +1,32 @@
-"""The method comparison on real task data: GSM8K and BIG-Bench Hard, through `g2is run`.
+"""Does G2IS beat LESS? Several targets, two pool settings, several fine-tune seeds, on real data.
 
-Run: ``python scripts/experiment_gsm8k_bbh.py [--data ../shared/data] [--target gsm8k |
-bbh:<task>] [--out runs/real] [--pool-size 400] [--methods g2is,less,random] [--ratios 0.05]
-[--seeds 0] [--set KEY=VALUE ...]``
+Run (the README's table comes from this command, on the default sizes):
 
-The pool mixes the sources evenly: GSM8K's train split and each of the BBH task files (22
-sources). The target's validation examples (`--n-dev`) and test examples (`--n-test`) are drawn
-first and kept out of the pool: for GSM8K from its train and test splits, for a BBH task from
-its one file. Records longer than --max-length tokens are left out (a cut answer would train
-and score on part of the answer). Every pool record carries `meta.domain` (`gsm8k` or
-`bbh/<task>`), so the report also scores each selection against its source (precision = the
-share taken from the target's own source). BBH records keep the benchmark's canary string in
-`meta.canary`.
+    python scripts/experiment_gsm8k_bbh.py --out runs/eval
 
-The derived files are written to OUT/data (never into the repository); the data directory is
-only read. Without it the script says so and exits 0 (nothing to run on a fresh machine).
+Data (from ../shared/data, never copied into the project; derived files go to OUT/data):
+
+* targets (default): GSM8K and the BIG-Bench Hard tasks sports_understanding (yes/no),
+  hyperbaton and snarks (two options each): binary-answer tasks where a 135M model's accuracy
+  can move. Validation examples per target as few-shot prompts use them (LESS takes 3 per BBH
+  task; GSM8K's usual prompt has 8), a test split, and the target's own training split;
+* the general pool: `--pool-size` records drawn evenly from every other BBH task (no target's
+  data: the paper's general-pool setting). The "with-target" setting adds the target's own
+  training split (`--n-train` records) to it;
+* records longer than `--max-length` tokens are left out everywhere (a cut answer would train
+  and score on part of the answer). Every record carries `meta.domain` (so the report scores
+  each selection by source) and BBH rows keep the benchmark's canary string.
+
+Pipeline (`g2is run` with [[targets]]): a warm-up LoRA on a sample of the general pool long
+enough for gradient conflicts to appear (default 4 epochs of 200 records, batch 4: 200 optimizer
+steps; the report's diagnostics show whether they did), Adam features of the pool and SGD
+features of each target's validation rows at the last checkpoint, Rademacher projection (as
+LESS), selection at ratio 0.01 by every method, LoRA fine-tunes on each selection with several
+seeds, test loss and exact match, paired differences with bootstrap intervals and a verdict per
+target.
+
+Without the data folder the script says so and exits 0 (nothing to run on a fresh machine).
+`--quick` runs a tiny version (minutes) to check the plumbing.
 """
 
 from __future__ import annotations
@@ -28,6 +40,9 @@ import numpy as np
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SYSTEM = "Answer the question. End with the final answer."
+DEFAULT_TARGETS = "gsm8k,bbh:sports_understanding,bbh:hyperbaton,bbh:snarks"
+N_DEV = {"gsm8k": 8, "bbh": 3}  # validation examples per target (few-shot prompt sizes)
+MAX_NEW = {"gsm8k": 200, "bbh": 8}  # generation length for exact match
 
 
 def _gsm8k(path: Path, split: str) -> list[dict]:
@@ -61,8 +76,7 @@ def _record(row: dict) -> dict:
 
 
 def _fitting(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """The rows whose whole chat-formatted record fits in max_length tokens (so no completion
-    is cut: a truncated record would train and score on part of its answer)."""
+    """The rows whose whole chat-formatted record fits in max_length tokens."""
     from g2is_jax.data.formats import convert_record
     from g2is_jax.data.tokenize import encode_record
 
@@ -74,104 +88,136 @@ def _fitting(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return keep
 
 
-def build_files(data: Path, out: Path, *, target: str, pool_size: int, n_dev: int,
-                n_test: int, seed: int, tokenizer=None, max_length: int | None = None
-                ) -> dict[str, Path]:
-    """Write OUT/pool.jsonl, OUT/dev.jsonl, OUT/test.jsonl; return their paths. With a tokenizer
-    and max_length, records longer than max_length tokens are left out everywhere."""
+def _write(rows: list[dict], path: Path) -> Path:
+    text = "".join(json.dumps(_record(r), ensure_ascii=False) + "\n" for r in rows)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:  # keep the hash stable
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def build_files(data: Path, out: Path, *, targets: list[str], pool_size: int, n_train: int,
+                n_test: int, n_test_gsm8k: int, seed: int, tokenizer=None,
+                max_length: int | None = None) -> dict:
+    """Write OUT/pool.jsonl and per target OUT/<name>.{dev,test,train}.jsonl; return the
+    [[targets]] tables and the pool path."""
     rng = np.random.default_rng(seed)
     tasks = sorted(p.stem for p in (data / "bbh").glob("*.json"))
 
     def fit(rows: list[dict]) -> list[dict]:
         return rows if tokenizer is None else _fitting(rows, tokenizer, max_length)
 
-    sources: dict[str, list[dict]] = {"gsm8k": fit(_gsm8k(data / "gsm8k", "train"))}
-    for t in tasks:
-        sources[f"bbh/{t}"] = fit(_bbh(data / "bbh", t))
-    if target == "gsm8k":
-        key = "gsm8k"
-        train = sources[key]
-        order = rng.permutation(len(train))
-        dev = [train[i] for i in order[:n_dev]]
-        sources[key] = [train[i] for i in order[n_dev:]]
-        test_rows = fit(_gsm8k(data / "gsm8k", "test"))
-        test = [test_rows[i] for i in np.sort(rng.permutation(len(test_rows))[:n_test])]
-    elif target.startswith("bbh:"):
-        key = "bbh/" + target[4:]
-        if key not in sources:
-            raise SystemExit(f"unknown BBH task {target[4:]!r}; have: {', '.join(tasks)}")
-        rows = sources[key]
-        order = rng.permutation(len(rows))
-        if n_dev + n_test >= len(rows):
-            raise SystemExit(f"{key} has {len(rows)} examples: ask for fewer than "
-                             f"{len(rows)} dev + test")
-        dev = [rows[i] for i in order[:n_dev]]
-        test = [rows[i] for i in order[n_dev:n_dev + n_test]]
-        sources[key] = [rows[i] for i in order[n_dev + n_test:]]
-    else:
-        raise SystemExit(f"--target must be gsm8k or bbh:<task>, got {target!r}")
-    names = sorted(sources)
-    share = [pool_size // len(names) + (i < pool_size % len(names)) for i in range(len(names))]
+    out.mkdir(parents=True, exist_ok=True)
+    target_tasks = set()
+    tables = []
+    for spec in targets:
+        if spec == "gsm8k":
+            name, kind = "gsm8k", "gsm8k"
+            train_rows = fit(_gsm8k(data / "gsm8k", "train"))
+            order = rng.permutation(len(train_rows))
+            dev = [train_rows[i] for i in order[:N_DEV[kind]]]
+            own = [train_rows[i] for i in order[N_DEV[kind]:N_DEV[kind] + n_train]]
+            tests = fit(_gsm8k(data / "gsm8k", "test"))
+            test = [tests[i] for i in np.sort(rng.permutation(len(tests))[:n_test_gsm8k])]
+            domain = "gsm8k"
+        elif spec.startswith("bbh:") and spec[4:] in tasks:
+            name, kind, task = spec[4:], "bbh", spec[4:]
+            target_tasks.add(task)
+            rows = fit(_bbh(data / "bbh", task))
+            order = rng.permutation(len(rows))
+            k = N_DEV[kind]
+            if len(rows) < k + n_train + 10:
+                raise SystemExit(f"bbh/{task} has {len(rows)} usable examples: lower --n-train")
+            dev = [rows[i] for i in order[:k]]
+            own = [rows[i] for i in order[k:k + n_train]]
+            test = [rows[i] for i in np.sort(order[k + n_train:k + n_train + n_test])]
+            domain = f"bbh/{task}"
+        else:
+            raise SystemExit(f"unknown target {spec!r}: use gsm8k or bbh:<task> "
+                             f"({', '.join(tasks)})")
+        paths = {part: _write(rows, out / f"{name}.{part}.jsonl")
+                 for part, rows in (("dev", dev), ("test", test), ("train", own))}
+        tables.append({"name": name, "dev": str(paths["dev"]), "test": str(paths["test"]),
+                       "train": str(paths["train"]), "domain": domain,
+                       "max_new_tokens": MAX_NEW[kind]})
+    general = [t for t in tasks if t not in target_tasks]
+    sources = {t: fit(_bbh(data / "bbh", t)) for t in general}
+    share = [pool_size // len(general) + (i < pool_size % len(general))
+             for i in range(len(general))]
     pool = []
-    for name, k in zip(names, share):
-        rows = sources[name]
+    for t, k in zip(general, share):
+        rows = sources[t]
         pool += [rows[i] for i in np.sort(rng.permutation(len(rows))[:min(k, len(rows))])]
     pool = [pool[i] for i in rng.permutation(len(pool))]
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in (("pool", pool), ("dev", dev), ("test", test)):
-        p = out / f"{name}.jsonl"
-        text = "".join(json.dumps(_record(r), ensure_ascii=False) + "\n" for r in rows)
-        if not p.exists() or p.read_text(encoding="utf-8") != text:  # keep the hash stable
-            p.write_text(text, encoding="utf-8")
-        paths[name] = p
-    return paths
+    return {"pool": str(_write(pool, out / "pool.jsonl")), "targets": tables,
+            "general_tasks": general}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
                     help="folder with gsm8k/ and bbh/ (default ../shared/data)")
-    ap.add_argument("--target", default="gsm8k", help="gsm8k or bbh:<task>")
-    ap.add_argument("--out", type=Path, default=Path("runs/real"))
+    ap.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated: gsm8k, "
+                    f"bbh:<task> (default {DEFAULT_TARGETS})")
+    ap.add_argument("--out", type=Path, default=Path("runs/eval"))
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--pool-size", type=int, default=400)
-    ap.add_argument("--n-dev", type=int, default=16)
-    ap.add_argument("--n-test", type=int, default=50)
+    ap.add_argument("--pool-size", type=int, default=2000, help="general pool records")
+    ap.add_argument("--n-train", type=int, default=100, help="each target's own training split")
+    ap.add_argument("--n-test", type=int, default=100, help="test records per BBH target")
+    ap.add_argument("--n-test-gsm8k", type=int, default=40, help="GSM8K test records")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--max-new-tokens", type=int, default=192)
-    ap.add_argument("--methods", default="g2is,less,random")
-    ap.add_argument("--ratios", default="0.05")
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--methods", default="g2is,g2is-robust,g2is-abs,less,random")
+    ap.add_argument("--ratio", default="0.01")
+    ap.add_argument("--seeds", default="0,1,2", help="fine-tune seeds")
+    ap.add_argument("--pools", default="general,with-target")
+    ap.add_argument("--projection", default="rademacher")
+    ap.add_argument("--dim", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0, help="seed of the data split and pool")
+    ap.add_argument("--quick", action="store_true",
+                    help="a tiny version to check the plumbing (not a result)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="any `g2is run` config override (repeat)")
     args = ap.parse_args(argv)
     if not (args.data / "gsm8k" / "train.jsonl").is_file() or not (args.data / "bbh").is_dir():
         print(f"skipped: no GSM8K/BBH files under {args.data} (pass --data)")
         return 0
+    if args.quick:
+        args.pool_size, args.n_train, args.n_test, args.n_test_gsm8k = 120, 10, 8, 4
+        args.dim, args.seeds = 512, "0"
 
     from g2is_jax.models.loading import load_tokenizer
     from g2is_jax.pipeline import run_pipeline
     from g2is_jax.report import format_report
-    from g2is_jax.runconfig import load_run_config
+    from g2is_jax.runconfig import config_from_mapping
 
-    files = build_files(args.data, args.out / "data", target=args.target,
-                        pool_size=args.pool_size, n_dev=args.n_dev, n_test=args.n_test,
-                        seed=args.seed, tokenizer=load_tokenizer(args.model),
-                        max_length=args.max_length)
-    domain = "gsm8k" if args.target == "gsm8k" else "bbh/" + args.target[4:]
-    overrides = [
-        f"model={args.model}", f"max_length={args.max_length}",
-        f"data.pool={files['pool']}", f"data.dev={files['dev']}", f"data.test={files['test']}",
-        f"data.target_domain={domain}",
-        "warmup.preset=cpu", "warmup.fraction=0.1", "warmup.epochs=1", "warmup.batch_size=4",
-        "features.projection=sparse", "features.dim=8192", "features.batch_size=4",
-        f"select.methods={args.methods}", f"select.ratios={args.ratios}",
-        f"select.seeds={args.seeds}", "finetune.preset=cpu-finetune", "finetune.batch_size=4",
-        "finetune.lora_rank=8", f"evaluate.max_new_tokens={args.max_new_tokens}",
-        "evaluate.batch_size=10", *args.overrides]
-    cfg = load_run_config(None, overrides)
+    files = build_files(args.data, args.out / "data", targets=args.targets.split(","),
+                        pool_size=args.pool_size, n_train=args.n_train, n_test=args.n_test,
+                        n_test_gsm8k=args.n_test_gsm8k, seed=args.seed,
+                        tokenizer=load_tokenizer(args.model), max_length=args.max_length)
+    doc = {
+        "model": args.model,
+        "max_length": args.max_length,
+        "data": {"pool": files["pool"]},
+        "targets": files["targets"],
+        # >= 50 optimizer steps of a small effective batch: 10% of the pool (200 records at
+        # the default size), batch 4, no accumulation, 4 epochs = 200 steps.
+        "warmup": {"preset": "cpu", "fraction": 0.1, "epochs": 1 if args.quick else 4,
+                   "batch_size": 4, "grad_accum": 1, "lora_rank": 8},
+        "features": {"projection": args.projection, "dim": args.dim, "batch_size": 8,
+                     "checkpoints": "last"},
+        "select": {"methods": args.methods.split(","), "ratios": [float(r) for r in
+                                                                  args.ratio.split(",")],
+                   "seeds": [int(s) for s in args.seeds.split(",")],
+                   "pools": args.pools.split(",")},
+        "finetune": {"preset": "cpu-finetune", "batch_size": 4, "lora_rank": 8},
+        "evaluate": {"generate": True, "max_new_tokens": 8, "batch_size": 10},
+    }
+    from g2is_jax.runconfig import apply_overrides
+
+    cfg = config_from_mapping(apply_overrides(doc, args.overrides))
+    (args.out).mkdir(parents=True, exist_ok=True)
+    (args.out / "experiment.json").write_text(json.dumps(
+        {"argv": sys.argv[1:] if argv is None else list(argv), "general_tasks":
+         files["general_tasks"], "config": cfg.to_json()}, indent=1) + "\n")
     report = run_pipeline(cfg, args.out)
     print(format_report(report))
     return 0

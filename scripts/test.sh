@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
-. "$ROOT/scripts/setup_env.sh"
+G2IS_EXTRAS=test . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export JAX_PLATFORMS=cpu
 exec python -m pytest -q "$@"

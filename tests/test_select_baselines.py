@@ -14,15 +14,39 @@ def _unit(x):
 
 
 def numpy_less(train, val, weights, subtasks):
+    """LESS's order: per subtask, the lr-weighted sum over checkpoints of the mean cosine; then
+    the max over subtasks."""
+    names = list(dict.fromkeys(subtasks))
+    per_task = np.zeros((len(names), train[0].shape[0]))
+    for t, v, w in zip(train, val, weights, strict=True):
+        cos = _unit(t) @ _unit(v).T
+        for g, name in enumerate(names):
+            per_task[g] += w * cos[:, [i for i, s in enumerate(subtasks) if s == name]].mean(axis=1)
+    return per_task.max(axis=0)
+
+
+def max_then_sum(train, val, weights, subtasks):
+    """The order this project used before (max over subtasks per checkpoint, then the sum)."""
     total = np.zeros(train[0].shape[0])
     for t, v, w in zip(train, val, weights, strict=True):
         cos = _unit(t) @ _unit(v).T
-        per_task = [
-            cos[:, [i for i, s in enumerate(subtasks) if s == name]].mean(axis=1)
-            for name in dict.fromkeys(subtasks)
-        ]
+        per_task = [cos[:, [i for i, s in enumerate(subtasks) if s == name]].mean(axis=1)
+                    for name in dict.fromkeys(subtasks)]
         total += w * np.max(per_task, axis=0)
     return total
+
+
+def test_less_sums_checkpoints_before_the_max_over_subtasks():
+    """2 checkpoints x 2 subtasks, where the two orders disagree: LESS's order is the one kept."""
+    rng = np.random.default_rng(7)
+    train = [rng.standard_normal((64, 6)) for _ in range(2)]
+    val = [rng.standard_normal((4, 6)) for _ in range(2)]
+    subtasks, weights = ["p", "q", "p", "q"], [0.7, 0.3]
+    got = less_scores([t.astype(np.float32) for t in train], [v.astype(np.float32) for v in val],
+                      weights=weights, subtasks=subtasks)
+    want = numpy_less(train, val, weights, subtasks)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(want - max_then_sum(train, val, weights, subtasks))) > 1e-3
 
 
 def test_less_scores_match_definition():
@@ -38,7 +62,10 @@ def test_less_scores_match_definition():
         subtasks=subtasks,
         block_rows=128,  # several blocks, a ragged last one
     )
-    np.testing.assert_allclose(got, numpy_less(train, val, weights, subtasks), rtol=1e-5)
+    # atol: scores are sums of terms of size ~1e-5 (the weights) computed from float32 cosines;
+    # where they nearly cancel (one row here, ~3.5e-8) only an absolute bound can hold.
+    np.testing.assert_allclose(got, numpy_less(train, val, weights, subtasks), rtol=1e-5,
+                               atol=1e-11)
 
 
 def test_less_select_takes_top_scores_in_order():
@@ -82,5 +109,6 @@ def test_baseline_errors():
         less_select([t, t], [v], ratio=0.5)
     with pytest.raises(G2ISError, match="dimensions disagree"):
         less_select([t], [rng.standard_normal((3, 5))], ratio=0.5)
-    with pytest.raises(G2ISError, match="--ratio"):
+    with pytest.raises(G2ISError, match="^ratio must be") as info:
         random_select(10, ratio=2.0)
+    assert info.value.param == "ratio"

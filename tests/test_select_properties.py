@@ -18,7 +18,10 @@ from g2is_jax.select import (
     core_knowledge,
     g2is_select,
     gradient_walk,
+    pad_to_plan,
     prepare_rows,
+    select_kernel,
+    select_plan,
 )
 from g2is_jax.select import walk as walk_mod
 from g2is_jax.select.core import STEP_ANCHOR
@@ -65,7 +68,7 @@ def test_budget_ties_go_to_the_later_component():
 )
 def test_core_knowledge_matches_covariance_eigenvectors(seed, n_val, dim, p):
     v = np.random.default_rng(seed).standard_normal((n_val, dim))
-    ck = core_knowledge(v, pca_variance=p)
+    ck = core_knowledge(v, pca_variance=p, val_normalize="raw")  # the PCA of V as given
     x = v - v.mean(axis=0)
     evals = np.sort(np.linalg.eigvalsh(x.T @ x))[::-1]
     ratios = np.clip(evals, 0, None) / np.clip(evals, 0, None).sum()
@@ -82,7 +85,7 @@ def test_core_knowledge_matches_covariance_eigenvectors(seed, n_val, dim, p):
 
 
 def test_core_knowledge_single_row_is_its_direction():
-    ck = core_knowledge(np.array([[3.0, -4.0]]))
+    ck = core_knowledge(np.array([[3.0, -4.0]]), val_normalize="raw")
     np.testing.assert_allclose(ck.components, [[0.6, -0.8]])
     assert ck.weights.tolist() == [1.0]
 
@@ -90,9 +93,9 @@ def test_core_knowledge_single_row_is_its_direction():
 def test_core_knowledge_count_mode_and_errors():
     v = np.random.default_rng(0).standard_normal((6, 5))
     assert core_knowledge(v, n_components=3).components.shape == (3, 5)
-    with pytest.raises(G2ISError, match="--n-components"):
+    with pytest.raises(G2ISError, match="n_components"):
         core_knowledge(v, n_components=7)
-    with pytest.raises(G2ISError, match="--pca-variance"):
+    with pytest.raises(G2ISError, match="pca_variance"):
         core_knowledge(v, pca_variance=1.0)
     with pytest.raises(G2ISError, match="all zero"):
         core_knowledge(np.zeros((3, 4)))
@@ -204,15 +207,32 @@ def test_matvec_gives_equal_rows_equal_values():
         assert np.all(x[copies] == x[0]), (n_rows, dim)
 
 
-def test_walk_compiles_once_per_shape_bucket():
+def test_walk_compiles_once_per_shape_bucket(monkeypatch):
+    """Pools of one row bucket share the walk program whatever their data, budgets and delta:
+    the walk, under a counting jit, traces once for all three selections."""
+    counted = jax.jit(chex.assert_max_traces(walk_mod._walk_impl, n=1),
+                      static_argnames=walk_mod.WALK_STATIC)
+    monkeypatch.setattr(walk_mod, "walk_kernel", counted)
     rng = np.random.default_rng(1)
     t1, t2 = rng.standard_normal((90, 6)), rng.standard_normal((70, 6))
     v1, v2 = rng.standard_normal((3, 6)), rng.standard_normal((5, 6))
-    g2is_select(t1, v1, ratio=0.2, delta=0.8)  # may compile (or reuse an earlier test's program)
-    before = walk_mod.TRACE_COUNT["walk"]
+    g2is_select(t1, v1, ratio=0.2, delta=0.8)
     g2is_select(t2, v2, ratio=0.3, delta=0.5, neighbors=7)  # other N, data, budgets, delta
     g2is_select(t1, v2, ratio=0.1, delta=1.0, pca_variance=0.9)
-    assert walk_mod.TRACE_COUNT["walk"] == before
+
+
+def test_jitted_kernel_traces_once_per_bucket_and_budget():
+    """A user's jit of the kernel: one trace across delta and pools of the same row bucket and
+    budget (T padded to the plan), with the host function's indices."""
+    rng = np.random.default_rng(1)
+    kernel = jax.jit(chex.assert_max_traces(select_kernel, n=1))
+    for n, delta in [(90, 0.8), (70, 0.5), (120, 1.0)]:
+        t, v = rng.standard_normal((n, 6)), rng.standard_normal((4, 6))
+        p = select_plan(t, v, budget=9)
+        got = np.asarray(kernel(pad_to_plan(t.astype(np.float32), p), p, delta))
+        want = g2is_select(t, v, budget=9, delta=delta).indices
+        np.testing.assert_array_equal(got[: len(want)], want)
+        assert np.all(got[len(want):] == -1)
 
 
 def test_walk_skips_zero_budgets_and_respects_budget_vector():
@@ -231,21 +251,25 @@ def test_walk_skips_zero_budgets_and_respects_budget_vector():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"ratio": 0.0}, "--ratio"),
-        ({"ratio": 1.5}, "--ratio"),
-        ({"delta": 0.0}, "--delta"),
-        ({"delta": 1.2}, "--delta"),
-        ({"neighbors": 0}, "--neighbors"),
+        ({"ratio": 0.0}, "^ratio must be"),
+        ({"ratio": 1.5}, "^ratio must be"),
+        ({"delta": 0.0}, "^delta must be"),
+        ({"delta": 1.2}, "^delta must be"),
+        ({"neighbors": -1}, "^neighbors must be"),
         ({"mode": "bfs"}, "mode"),
         ({"ratio": 0.001}, "at least"),
         ({"budget": 500}, "larger than the pool"),
     ],
 )
 def test_bad_parameters_name_the_fix(kwargs, match):
+    """Library errors name the Python parameter (and carry it, for the CLI to name its flag)."""
     rng = np.random.default_rng(0)
     t, v = rng.standard_normal((100, 4)), rng.standard_normal((3, 4))
-    with pytest.raises(G2ISError, match=match):
+    with pytest.raises(G2ISError, match=match) as info:
         g2is_select(t, v, **kwargs)
+    assert "--" not in str(info.value)
+    if match.startswith("^"):
+        assert info.value.param == next(iter(kwargs))
 
 
 def test_bad_arrays_name_the_problem():

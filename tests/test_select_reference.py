@@ -39,8 +39,15 @@ def ref_unit_rows(t: np.ndarray) -> np.ndarray:
     return out
 
 
-def ref_core_knowledge(v: np.ndarray, pca_variance: float, n_components: int | None):
-    """PCA by eigen-decomposition of the covariance; returns (components, weights)."""
+def ref_core_knowledge(v: np.ndarray, pca_variance: float, n_components: int | None,
+                       pca_sign: str = "v-based", val_normalize: str = "raw"):
+    """PCA by eigen-decomposition of the covariance; returns (components, weights).
+
+    Sign rules from their definitions: "v-based" makes each component's largest-magnitude
+    coordinate positive; "u-based" makes the validation row with the largest absolute score
+    positive. "unit" normalises V's rows first."""
+    if val_normalize == "unit":
+        v = np.stack([row / max(math.sqrt(_dot(row, row)), FLOOR) for row in v])
     n, d = v.shape
     mean = v.mean(axis=0)
     x = v - mean
@@ -64,8 +71,13 @@ def ref_core_knowledge(v: np.ndarray, pca_variance: float, n_components: int | N
     comps, weights = [], []
     for i in range(count):
         c = evecs[i]
-        j = int(np.argmax(np.abs(c)))
-        if c[j] < 0:
+        # The first entry within a relative 1e-9 of the largest magnitude decides (near-ties
+        # are floating-point noise: two validation rows always score s and -s).
+        entries = c if pca_sign == "v-based" else np.array([_dot(row, c) for row in x])
+        mag = np.abs(entries)
+        j = next(i for i in range(len(mag)) if mag[i] >= mag.max() * (1 - 1e-9))
+        flip = entries[j] < 0
+        if flip:
             c = -c
         comps.append(c / np.linalg.norm(c))
         weights.append(ratios[i])
@@ -90,13 +102,15 @@ def _abs_cos(vec: np.ndarray, k: np.ndarray) -> float:
 
 
 def reference_select(
-    t, v, *, ratio, delta, pca_variance=0.5, n_components=None, neighbors=100, anchor_pool=1000
+    t, v, *, ratio, delta, pca_variance=0.5, n_components=None, neighbors=100, anchor_pool=1000,
+    pca_sign="v-based", val_normalize="unit"
 ):
     """Returns (indices, steps) with steps 'anchor' / 'neighbor' / 'fallback'."""
     t = np.asarray(t, np.float64)
     n = t.shape[0]
     unit = ref_unit_rows(t)
-    comps, weights = ref_core_knowledge(np.asarray(v, np.float64), pca_variance, n_components)
+    comps, weights = ref_core_knowledge(np.asarray(v, np.float64), pca_variance, n_components,
+                                        pca_sign, val_normalize)
     budgets = ref_budgets(int(n * ratio), weights)
     gram = [[_dot(unit[i], unit[j]) for j in range(n)] for i in range(n)]
     taken = [False] * n
@@ -131,7 +145,7 @@ def reference_select(
                 return _abs_cos(s + unit[i], comp) >= delta * old * (1 - RTOL)
 
             last = chosen[-1]
-            near = sorted(range(n), key=lambda j: (-gram[last][j], j))[:neighbors]
+            near = sorted(range(n), key=lambda j: (-gram[last][j], j))[: neighbors or n]
             pick = next((i for i in near if valid(i)), None)
             how = "neighbor"
             if pick is None:
@@ -196,8 +210,10 @@ def problems(draw):
         v=v,
         ratio=ratio,
         delta=draw(st.sampled_from([1.0, 0.999, 0.5]) | st.floats(0.01, 1.0)),
-        neighbors=draw(st.sampled_from([1, 2, 3, 5, 8, 200])),
+        neighbors=draw(st.sampled_from([0, 1, 2, 3, 5, 8, 200])),  # 0: the full list
         anchor_pool=draw(st.sampled_from([1, 2, 1000])),
+        pca_sign=draw(st.sampled_from(["v-based", "u-based"])),
+        val_normalize=draw(st.sampled_from(["unit", "raw"])),
         **pca,
     )
 

@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     elif records:
         print("tokens: skipped (no --model given; pass --model M for token lengths and truncation)")
 
+    if len(problems) == 1:
+        raise G2ISError(f"1 problem in {args.data}: {problems[0]}")
     if problems:
         listed = "\n  ".join(problems[:_MAX_SHOWN])
         more = (

@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from g2is_jax.demo import demo_config, run_demo
+    from g2is_jax.io import check_output_dir
     from g2is_jax.report import format_report
 
+    check_output_dir(args.out, "--out")
     cfg = demo_config(model=args.model, target=args.target, n_pool=args.n_pool,
                       ratio=args.ratio, dim=args.dim, seed=args.seed)
     report = run_demo(args.out, cfg, progress=not args.no_progress)

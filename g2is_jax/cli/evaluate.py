@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from g2is_jax.errors import G2ISError
@@ -59,18 +58,19 @@ def load_adapted_model(model_spec: str, adapter: str | None, dtype: str = "float
 def run(args: argparse.Namespace) -> int:
     from g2is_jax.data import load_records
     from g2is_jax.evaluate import evaluate_records
+    from g2is_jax.io import atomic_open, check_output_file
 
     if args.batch_size < 1 or args.max_length < 2 or args.max_new_tokens < 1:
         raise G2ISError("--batch-size, --max-new-tokens must be ≥ 1 and --max-length ≥ 2")
+    if args.limit is not None and args.limit < 1:
+        raise G2ISError(f"--limit must be ≥ 1, got {args.limit}")
+    out = check_output_file(args.out, "--out")  # before any work
     records = load_records(args.data, limit=args.limit)
     model, tokenizer = load_adapted_model(args.model, args.adapter, args.dtype)
     res = evaluate_records(model, tokenizer, records, batch_size=args.batch_size,
                            max_length=args.max_length, generate_answers=args.generate,
                            max_new_tokens=args.max_new_tokens)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(out, "w") as f:  # nothing half-written
         for i, rec in enumerate(records):
             row = {"index": i, "id": rec.id, "loss": float(res.loss[i]),
                    "n_tokens": int(res.n_tokens[i])}
@@ -78,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
                 row["prediction"] = res.predictions[i]
                 row["exact_match"] = bool(res.exact_match[i])
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)  # nothing half-written
     summary = res.summary()
     print(json.dumps({"summary": summary, "out": str(out)}))
     return 0

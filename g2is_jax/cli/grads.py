@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     from g2is_jax.data import load_records
     from g2is_jax.featurize import compute_features
+    from g2is_jax.fingerprint import model_fingerprint, model_path
+    from g2is_jax.io import check_output_dir
     from g2is_jax.models.loading import load_model
     from g2is_jax.projection import Projector
     from g2is_jax.store import file_sha256
@@ -64,19 +66,30 @@ def run(args: argparse.Namespace) -> int:
     if args.gradient == "adam" and args.checkpoint is None:
         raise G2ISError("--gradient adam needs a warmup --checkpoint (it holds Adam's moments); "
                         "a PEFT adapter has none: use --gradient sgd or sign")
-    projector = Projector(kind=args.projection, dim=args.dim, seed=args.seed)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--dim", args.dim, 1),
+                             ("--max-length", args.max_length, 2)):
+        if value < low:
+            raise G2ISError(f"{flag} must be ≥ {low}, got {value}")
+    projector = None if args.gradient == "representation" else Projector(
+        kind=args.projection, dim=args.dim, seed=args.seed)
+    check_output_dir(args.out, "--out")
     mesh = _scale.setup(args)
     records = load_records(args.data)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    meta = {"model": str(args.model), "data": str(Path(args.data).absolute()),
-            "data_sha256": file_sha256(args.data) if Path(args.data).is_file() else None,
+    data = Path(args.data)
+    # What the rows depend on, by content (g2is_jax.fingerprint): a resume under another model,
+    # checkpoint, adapter, tokenizer or data file is refused, however the paths were typed.
+    meta = {"model": str(model_path(args.model)),
+            "model_fingerprint": model_fingerprint(args.model),
+            "data": str(data.resolve()) if data.is_file() else str(args.data),
+            "data_sha256": file_sha256(data) if data.is_file() else None,
             "checkpoint_lr": None}
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     moments = None
     if args.checkpoint:
         from g2is_jax.train import load_checkpoint
 
         model, moments, ck = load_checkpoint(model, args.checkpoint)
-        meta.update(checkpoint=str(Path(args.checkpoint).absolute()),
+        meta.update(checkpoint=str(Path(args.checkpoint).resolve()),
                     checkpoint_lr=ck["epoch_mean_lr"], checkpoint_epoch=ck["epoch"])
         if args.gradient != "adam":
             moments = None
@@ -84,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         from g2is_jax.models.peft import load_peft_adapter
 
         model = load_peft_adapter(model, args.adapter)
-        meta.update(adapter=str(Path(args.adapter).absolute()), checkpoint_lr=None)
+        meta.update(adapter=str(Path(args.adapter).resolve()), checkpoint_lr=None)
     path = compute_features(model, tokenizer, records, args.out, gradient=args.gradient,
                             projector=projector, moments=moments, batch_size=args.batch_size,
                             max_length=args.max_length, meta=meta, overwrite=args.overwrite,

@@ -58,15 +58,17 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from g2is_jax.errors import G2ISError
+    from g2is_jax.io import check_output_file, os_error
     from g2is_jax.select import core
     from g2is_jax.select import features as feats
     from g2is_jax.select import graph as graph_lib
 
+    out = check_output_file(args.out, "--out")  # before any work
     train = feats.load_checkpoints(args.train_features, role="train")
     weights = feats.checkpoint_weights(train)
     t = feats.combine_checkpoints([s.array for s in train], weights)
-    core.check_positive_int("neighbors", args.neighbors, "--neighbors")
-    core.check_positive_int("block rows", args.block_rows, "--block-rows")
+    core.check_positive_int("neighbors", args.neighbors)
+    core.check_positive_int("block_rows", args.block_rows)
     unit, _ = core.prepare_rows(core.as_features(t, "train features"))
     if args.mixed:
         if not args.val_features:
@@ -91,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         val_features=list(args.val_features or []),
         checkpoint_weights=[float(w) for w in weights],
     )
-    path = dataclasses.replace(g, meta=meta).save(args.out)
+    try:
+        path = dataclasses.replace(g, meta=meta).save(out)
+    except OSError as exc:  # e.g. a full disk: leave no temporary file behind
+        out.with_name(out.name + ".tmp").unlink(missing_ok=True)
+        raise os_error(out, exc) from None
     print(f"graph: {g.indices.shape[0]} nodes × {g.k} neighbours -> {path}")
     return 0

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from g2is_jax.data import suite
+    from g2is_jax.io import check_output_dir
 
+    check_output_dir(args.out, "--out")
     files = suite(args.out, n_pool=args.n_pool, n_dev=args.n_dev, n_test=args.n_test,
                   seed=args.seed, target=args.target, target_share=args.target_share,
                   conflict_share=args.conflict_share, distractor_share=args.distractor_share)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+from pathlib import Path
 
 from g2is_jax.errors import G2ISError
 
@@ -29,29 +29,42 @@ def add_train_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-rank", type=int, help="LoRA rank; without --lora-alpha, alpha "
+                   "follows it so the preset's scaling alpha/rank stays (less: r=8 gives "
+                   "alpha 32)")
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-targets", help="comma list of q,k,v,o,gate,up,down")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
-def train_config_from_args(args: argparse.Namespace):
-    from g2is_jax.train import TRAIN_PRESETS
+# Library parameter names in messages -> this command's flags.
+_FLAGS = {"learning_rate": "--lr", "lora.alpha": "--lora-alpha", "lora_alpha": "--lora-alpha",
+          "lora_rank": "--lora-rank", "lora_dropout": "--lora-dropout",
+          "lora_targets": "--lora-targets", "warmup_ratio": "--warmup-ratio",
+          "weight_decay": "--weight-decay", "batch_size": "--batch-size",
+          "grad_accum": "--grad-accum", "max_length": "--max-length", "fraction": "--fraction",
+          "epochs": "--epochs", "seed": "--seed", "schedule": "--schedule"}
 
-    cfg = TRAIN_PRESETS[args.preset]
-    fields = ("fraction", "epochs", "learning_rate", "schedule", "warmup_ratio",
-              "weight_decay", "batch_size", "grad_accum", "max_length", "seed")
-    over = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
-    lora_over = {k: v for k, v in {
-        "rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-        "target_modules": tuple(t.strip() for t in args.lora_targets.split(","))
-        if args.lora_targets else None}.items() if v is not None}
-    lora = dataclasses.replace(cfg.lora, **lora_over)
+
+def flag_names(exc: G2ISError) -> G2ISError:
+    """The same error with a leading library parameter name replaced by its flag."""
+    text = str(exc)
+    for name in sorted(_FLAGS, key=len, reverse=True):
+        if text.startswith(name + " "):
+            return G2ISError(_FLAGS[name] + text[len(name):])
+    return exc
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The TrainConfig of the flags: `resolve_train_config`, the resolution `g2is run` uses."""
+    from g2is_jax.train import TRAIN_OVERRIDES, resolve_train_config
+
     try:
-        return dataclasses.replace(cfg, **over, lora=lora)
-    except TypeError as exc:  # pragma: no cover - argparse types keep this out
-        raise G2ISError(str(exc)) from exc
+        return resolve_train_config(args.preset, **{k: getattr(args, k, None)
+                                                    for k in TRAIN_OVERRIDES})
+    except G2ISError as exc:
+        raise flag_names(exc) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,14 +84,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def train_from_args(args: argparse.Namespace):
     """Load --data and --model, train as the flags say; the `TrainResult`."""
     from g2is_jax.data import load_records
+    from g2is_jax.fingerprint import model_fingerprint, model_path
+    from g2is_jax.io import check_output_dir
     from g2is_jax.models.loading import load_model
+    from g2is_jax.store import file_sha256
     from g2is_jax.train import train_lora
 
     cfg = train_config_from_args(args)
+    check_output_dir(args.out, "--out")
     records = load_records(args.data)
+    data = Path(args.data)
+    # Content, not the text typed: `dir/` and `dir` are one model; a relative path typed
+    # elsewhere, or weights replaced in place, are another (refused on resume).
+    run_info = {"model": str(model_path(args.model)),
+                "model_fingerprint": model_fingerprint(args.model),
+                "data": str(data.resolve()) if data.is_file() else str(args.data),
+                "data_sha256": file_sha256(data) if data.is_file() else None}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    return train_lora(model, tokenizer, records, args.out, cfg,
-                      run_info={"model": str(args.model), "data": str(args.data)})
+    return train_lora(model, tokenizer, records, args.out, cfg, run_info=run_info)
 
 
 def run(args: argparse.Namespace) -> int:

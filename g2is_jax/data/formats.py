@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.io import atomic_open
 
 __all__ = [
     "FORMATS",
@@ -44,6 +43,7 @@ __all__ = [
     "convert_record",
     "detect_format",
     "load_records",
+    "read_raw_records",
     "record_to_json",
     "scan_records",
     "write_jsonl",
@@ -320,6 +320,10 @@ class _Row:
     line: int | None  # 1-based line for JSON Lines
     raw: Any = None
     problem: _Problem | None = None  # a row that could not even be parsed
+    text: bytes | None = None  # JSON Lines: the line's bytes (a leading BOM removed)
+
+
+_TOO_DEEP = _Problem("JSON nested too deeply to parse", "flatten the record")
 
 
 def _iter_jsonl(path: Path) -> Iterator[_Row]:
@@ -339,12 +343,15 @@ def _iter_jsonl(path: Path) -> Iterator[_Row]:
                 )
                 index += 1
                 continue
-            if lineno == 1:
+            if lineno == 1 and text.startswith("\ufeff"):
                 text = text.removeprefix("\ufeff")
+                data = data[3:]
             if not text.strip():
                 continue
             try:
-                yield _Row(index, lineno, raw=json.loads(text))
+                yield _Row(index, lineno, raw=json.loads(text), text=data)
+            except RecursionError:
+                yield _Row(index, lineno, problem=_TOO_DEEP)
             except json.JSONDecodeError as e:
                 yield _Row(
                     index,
@@ -364,6 +371,8 @@ def _iter_json_array(path: Path) -> Iterator[_Row]:
         raise G2ISError(f"{path}: not valid UTF-8 ({e.reason}). Fix: save it as UTF-8") from None
     try:
         rows = json.loads(text)
+    except RecursionError:
+        raise G2ISError(f"{path}: {_TOO_DEEP.problem}. Fix: {_TOO_DEEP.fix}") from None
     except json.JSONDecodeError as e:
         raise G2ISError(
             f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}. "
@@ -454,8 +463,33 @@ def scan_records(
             if max_problems is not None and len(problems) >= max_problems:
                 break
     if not records and not problems:
-        problems.append(f"{source}: no records. Fix: the file is empty; add records to it")
+        path = Path(path_or_name)
+        what = ("holds only blank lines" if path.is_file() and path.stat().st_size
+                else "is empty")
+        problems.append(f"{source}: no records: the file {what}. Fix: add records to it")
     return records, problems
+
+
+def read_raw_records(path_or_name: str | Path, *, split: str = "train") -> list[bytes]:
+    """Each record of a dataset as one JSON Lines line (bytes ending in a newline), in the order
+    and number `load_records` reads them: JSON Lines keep their bytes unchanged (a leading
+    byte-order mark removed; a final newline added where missing), rows of JSON arrays, Parquet
+    files and hub datasets are serialised as compact JSON. Raises at the first row that does not
+    parse, as `load_records` does. Used to write a selected subset of the pool."""
+    out: list[bytes] = []
+    for row in _iter_rows(path_or_name, split):
+        if row.problem is not None:
+            raise G2ISError(_located(str(path_or_name), row.index, row.line, row.problem))
+        if row.text is not None:
+            line = row.text
+            out.append(line if line.endswith(b"\n") else line + b"\n")
+        else:
+            try:
+                out.append(json.dumps(row.raw, ensure_ascii=False, default=str).encode() + b"\n")
+            except (TypeError, ValueError) as e:
+                raise G2ISError(f"{path_or_name}: record {row.index} cannot be written as JSON "
+                                f"({e}). Fix: convert the dataset to JSON Lines") from None
+    return out
 
 
 def load_records(
@@ -499,7 +533,6 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
     records load back as messages-format records with the same messages, id and meta.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for record in records:
         try:
@@ -509,12 +542,6 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
                 f"record {record.id}: meta is not JSON-serialisable ({e}). "
                 "Fix: keep meta values to strings, numbers, booleans, lists and objects"
             ) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as f:
+        f.writelines(line + "\n" for line in lines)
     return path

@@ -44,6 +44,7 @@ import numpy as np
 
 from g2is_jax.data.formats import Message, Record, write_jsonl
 from g2is_jax.errors import G2ISError
+from g2is_jax.io import atomic_write, check_output_dir
 
 __all__ = [
     "DISTRACTOR_DOMAINS",
@@ -439,6 +440,7 @@ def suite(
     """
     if system is not None and (not isinstance(system, str) or not system.strip()):
         raise G2ISError(f"system must be a non-empty string or None, got {system!r}")
+    check_output_dir(out_dir, "out_dir")
     pool = build_pool(
         n_pool,
         seed=seed,
@@ -475,7 +477,5 @@ def suite(
         "system": system,
         "pool_counts": dict(sorted(counts.items())),
     }
-    tmp = root / ".suite.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(files.manifest)
+    atomic_write(files.manifest, json.dumps(manifest, indent=2) + "\n")
     return files

@@ -2,8 +2,9 @@
 
 * `random_select`: a uniform sample without replacement from a seeded NumPy Generator.
 * `less_select` (Xia et al., 2024): score each pool row by the cosine of its gradient feature with
-  every validation row, mean within each target subtask, max over subtasks, summed over
-  checkpoints weighted by their learning rate; the top int(N·ratio) rows.
+  every validation row, mean within each target subtask, summed over checkpoints weighted by
+  their learning rate, then the max over subtasks (LESS's order: the checkpoint sum comes first);
+  the top int(N·ratio) rows. Cosines are scale-free, so V's row normalisation does not matter.
 * `representation_select` (LESS's RDS baseline): the same scoring on representation features
   (e.g. the final hidden state) instead of gradients, one "checkpoint" of weight 1. Extracting the
   hidden states belongs to the model code; this takes the arrays.
@@ -30,10 +31,12 @@ from g2is_jax.select.core import SelectionResult
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _result(indices: np.ndarray, method: str, total: int) -> SelectionResult:
+def _result(indices: np.ndarray, method: str, total: int, **conventions: Any
+            ) -> SelectionResult:
     k = len(indices)
     minus = -np.ones(k, np.int64)
-    return SelectionResult(np.asarray(indices, np.int64), minus, minus, (), method, total)
+    return SelectionResult(np.asarray(indices, np.int64), minus, minus, (), method, total,
+                           conventions=conventions)
 
 
 def _total(n_rows: int, ratio: float, budget: int | None) -> int:
@@ -48,7 +51,7 @@ def random_select(
     """int(N·ratio) distinct rows drawn uniformly; the same seed gives the same rows."""
     total = _total(n_rows, ratio, budget)
     rng = np.random.default_rng(seed)
-    return _result(rng.permutation(n_rows)[:total], "random", total)
+    return _result(rng.permutation(n_rows)[:total], "random", total, seed=int(seed))
 
 
 def subtask_matrix(subtasks: Sequence[str] | None, n_val: int) -> np.ndarray:
@@ -73,7 +76,7 @@ def _block_scores(t_block, v_unit, avg):
     tb = t_block.astype(acc)
     tb = tb / jnp.maximum(jnp.linalg.norm(tb, axis=1, keepdims=True), core.NORM_FLOOR)
     cos = jnp.dot(tb, v_unit.T, precision=_HIGHEST)  # (B, n)
-    return jnp.max(jnp.dot(cos, avg, precision=_HIGHEST), axis=1)  # mean per subtask, max
+    return jnp.dot(cos, avg, precision=_HIGHEST)  # (B, G): mean cosine per subtask
 
 
 def less_scores(
@@ -84,11 +87,12 @@ def less_scores(
     subtasks: Sequence[str] | None = None,
     block_rows: int = 8192,
 ) -> np.ndarray:
-    """LESS scores (N,): per checkpoint, max over subtasks of the mean cosine; weighted sum."""
+    """LESS scores (N,): the lr-weighted sum over checkpoints of each subtask's mean cosine, then
+    the max over subtasks."""
     if len(train) != len(val) or not train:
         raise G2ISError(
             f"{len(train)} train and {len(val)} validation feature sets; give one of each per "
-            "checkpoint, in the same order"
+            "checkpoint, in the same order", param="train"
         )
     weights = np.ones(len(train)) if weights is None else np.asarray(weights, np.float64)
     chex.assert_shape(weights, (len(train),))
@@ -113,9 +117,9 @@ def less_scores(
             if block.shape[0] < block_rows and n_rows > block_rows:  # one compiled shape
                 block = jnp.pad(block, ((0, block_rows - block.shape[0]), (0, 0)))
             parts.append(np.asarray(_block_scores(block, v_unit, avg)))
-        score = np.concatenate(parts)[:n_rows] * w
+        score = np.concatenate(parts)[:n_rows] * w  # (N, G)
         total = score if total is None else total + score
-    return total
+    return total.max(axis=1)
 
 
 def top_k_rows(scores: Any, k: int) -> np.ndarray:
@@ -137,7 +141,16 @@ def less_select(
     """LESS: the top int(N·ratio) rows by `less_scores` (one array per checkpoint)."""
     scores = less_scores(train, val, weights=weights, subtasks=subtasks)
     total = _total(len(scores), ratio, budget)
-    return _result(top_k_rows(scores, total), "less", total)
+    return _result(top_k_rows(scores, total), "less", total, **_less_conventions(
+        len(train), weights, subtasks))
+
+
+def _less_conventions(n_ckpt: int, weights: Any, subtasks: Any) -> dict[str, Any]:
+    w = np.ones(n_ckpt) if weights is None else np.asarray(weights, np.float64)
+    return {"checkpoint_weights": [float(x) for x in w],
+            "subtasks": 1 if subtasks is None else len(dict.fromkeys(subtasks)),
+            "order": "lr-weighted sum over checkpoints, then max over subtasks",
+            "val_normalize": "none needed (cosine scores)"}
 
 
 def representation_select(
@@ -151,4 +164,5 @@ def representation_select(
     """Representation similarity (RDS): LESS scoring on hidden-state features, top rows."""
     scores = less_scores([train_reps], [val_reps], subtasks=subtasks)
     total = _total(len(scores), ratio, budget)
-    return _result(top_k_rows(scores, total), "rds", total)
+    return _result(top_k_rows(scores, total), "rds", total,
+                   **_less_conventions(1, None, subtasks))

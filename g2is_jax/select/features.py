@@ -4,19 +4,20 @@ A feature source is either a `.npy` file (N×d) or a feature-store directory hol
 `features.npy` and `meta.json` ("n", "dim", "gradient", "record_ids", "checkpoint_lr", ...).
 Arrays are memory-mapped; checks (shape against meta, finite values) read them in row chunks.
 
-Several checkpoints. LESS sums its per-checkpoint scores weighted by each checkpoint's learning
-rate. The walk needs one geometry, so `combine_checkpoints` builds it: each checkpoint's rows are
-normalised, scaled by sqrt(w_i) (w the learning rates, summing to 1) and concatenated. The dot of
-two combined rows is then sum_i w_i cos_i, the same lr-weighted average of per-checkpoint cosines
-that LESS uses, every combined row of nonzero features has unit norm, and PCA of the combined
-validation rows sees each checkpoint's directions in proportion to its weight. One checkpoint is
-passed through unchanged, so single-checkpoint runs keep the release's exact semantics.
+Several checkpoints (this project's extension: the authors' walk consumes one T and one V).
+LESS sums its per-checkpoint scores weighted by each checkpoint's learning rate. The walk needs
+one geometry, so `combine_checkpoints` builds it: each checkpoint's rows are normalised, scaled by
+sqrt(w_i) (w the learning rates, summing to 1) and concatenated. The dot of two combined rows is
+then sum_i w_i cos_i, the same lr-weighted average of per-checkpoint cosines that LESS uses,
+every combined row of nonzero features has unit norm, and PCA of the combined validation rows
+sees each checkpoint's directions in proportion to its weight. With ``normalize="raw"`` (V under
+``val_normalize="raw"``) the rows are scaled by sqrt(w_i) but not normalised, so that one V
+normalisation rule holds for one checkpoint and for several. One checkpoint is passed through
+unchanged: the walk normalises T's rows and `core.core_knowledge` applies `val_normalize` to V.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -26,98 +27,22 @@ from typing import Any
 import numpy as np
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.store import FeatureSet, file_sha256, read_features
 
 log = logging.getLogger(__name__)
 
 _CHECK_ROWS = 16384  # rows read at a time when checking a memory-mapped file
 
 
-@dataclasses.dataclass(frozen=True)
-class Features:
-    """One checkpoint's feature matrix (possibly memory-mapped) and its metadata."""
-
-    array: np.ndarray
-    meta: dict[str, Any]
-    source: str
-
-    @property
-    def n(self) -> int:
-        return int(self.array.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.array.shape[1])
-
-    @property
-    def record_ids(self) -> list[str] | None:
-        ids = self.meta.get("record_ids")
-        return [str(i) for i in ids] if isinstance(ids, list) else None
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise G2ISError(f"cannot read {path} as a .npy array ({exc}); recompute the features")
+# The feature-set format is owned by `g2is_jax.store` (one reader, one typed meta); these names
+# stay as aliases for the selection code.
+Features = FeatureSet
 
 
 def load_features(path: str | Path, *, role: str = "train") -> Features:
-    """Load a `.npy` file or a feature-store directory and check it thoroughly."""
-    p = Path(path)
-    meta: dict[str, Any] = {}
-    if p.is_dir():
-        npy, meta_path = p / "features.npy", p / "meta.json"
-        if not npy.is_file():
-            raise G2ISError(
-                f"{p} has no features.npy: is the feature store complete? (re-run `g2is grads`)"
-            )
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise G2ISError(f"{meta_path} is not valid JSON ({exc}); re-run `g2is grads`")
-            if not isinstance(meta, dict):
-                raise G2ISError(f"{meta_path} must hold a JSON object; re-run `g2is grads`")
-        arr = _load_npy(npy)
-    elif p.is_file():
-        if p.suffix != ".npy":
-            raise G2ISError(f"{p}: {role} features must be a .npy file or a feature-store dir")
-        arr = _load_npy(p)
-    else:
-        raise G2ISError(f"{role} features {p} not found (expected a .npy file or a directory)")
-    _check_array(arr, meta, str(p), role)
-    return Features(arr, meta, str(p))
-
-
-def _check_array(arr: np.ndarray, meta: dict[str, Any], src: str, role: str) -> None:
-    if arr.ndim != 2:
-        raise G2ISError(f"{src}: {role} features must be 2-D (rows × dim), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise G2ISError(f"{src}: {role} features have no rows; the {role} set must not be empty")
-    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-        raise G2ISError(f"{src}: {role} features must be floating point, got {arr.dtype}")
-    if "n" in meta and int(meta["n"]) != arr.shape[0]:
-        raise G2ISError(
-            f"{src}: meta.json says n={meta['n']} but features.npy has {arr.shape[0]} rows; "
-            "the store is incomplete or mixed: re-run `g2is grads`"
-        )
-    if "dim" in meta and int(meta["dim"]) != arr.shape[1]:
-        raise G2ISError(
-            f"{src}: meta.json says dim={meta['dim']} but features.npy has {arr.shape[1]} "
-            "columns; re-run `g2is grads`"
-        )
-    ids = meta.get("record_ids")
-    if isinstance(ids, list) and len(ids) != arr.shape[0]:
-        raise G2ISError(f"{src}: {len(ids)} record_ids for {arr.shape[0]} rows; re-run grads")
-    for s in range(0, arr.shape[0], _CHECK_ROWS):
-        chunk = np.asarray(arr[s : s + _CHECK_ROWS], dtype=np.float32)
-        bad = ~np.isfinite(chunk)
-        if bad.any():
-            row = s + int(np.argmax(bad.any(axis=1)))
-            raise G2ISError(
-                f"{src}: {role} features have NaN or Inf (first in row {row}); recompute them "
-                "(a diverged checkpoint?) or drop those records"
-            )
+    """Load a `.npy` file or a feature-store directory and check it thoroughly
+    (`g2is_jax.store.read_features`)."""
+    return read_features(path, role=role)
 
 
 def load_checkpoints(paths: Sequence[str | Path], *, role: str) -> list[Features]:
@@ -170,8 +95,12 @@ def checkpoint_weights(sets: Sequence[Features]) -> np.ndarray:
     return w / w.sum()
 
 
-def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float]) -> np.ndarray:
+def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float], *,
+                        normalize: str = "unit") -> np.ndarray:
     """One feature matrix for the walk from several checkpoints (see the module docstring)."""
+    if normalize not in ("unit", "raw"):
+        raise G2ISError(f"normalize must be 'unit' or 'raw', got {normalize!r}",
+                        param="val_normalize")
     if len(arrays) == 1:
         return arrays[0]
     w = np.asarray(weights, dtype=np.float64)
@@ -183,7 +112,8 @@ def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float]) -> np.n
         d = a.shape[1]
         for s in range(0, n, _CHECK_ROWS):
             x = np.asarray(a[s : s + _CHECK_ROWS], dtype=np.float64)
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-10)
+            if normalize == "unit":  # out of place: `x` may be a view of the caller's array
+                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-10)
             out[s : s + _CHECK_ROWS, col : col + d] = np.sqrt(wi) * x
         col += d
     return out
@@ -225,12 +155,7 @@ def read_jsonl_lines(path: str | Path) -> list[bytes]:
     return [line for line in out if line.strip()]
 
 
-def data_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+data_sha256 = file_sha256  # the one file hash, `g2is_jax.store.file_sha256`
 
 
 def check_data_matches(lines: Sequence[bytes], feats: Features, data_path: str | Path) -> None:

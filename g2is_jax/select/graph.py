@@ -139,7 +139,7 @@ def knn_graph(
     x = jnp.asarray(unit_rows)
     chex.assert_rank(x, 2)
     n = x.shape[0] if n_rows is None else int(n_rows)
-    k = min(core.check_positive_int("neighbors", k, "--neighbors"), n)
+    k = min(core.check_positive_int("neighbors", k), n)
     # Key blocks: a multiple of the row tile that divides the padded row count.
     tile = core.ROW_TILE
     key_block = max(tile, min(key_block, core.padded_rows(max(n, x.shape[0]))) // tile * tile)

@@ -1,6 +1,6 @@
 """The gradient walk: one compiled `lax.while_loop`, no host round trip per selected row.
 
-Semantics (those of the authors' release, see `g2is_select`): for each core-knowledge component k
+Semantics (those of the authors' release, see `plan.g2is_select`): for each walk direction k
 with a budget, an anchor (the unselected row most similar to k), then rows added one at a time.
 A candidate must be unselected, in no conflict with this component's rows (no negative dot) and
 keep consistency (|cos(s + t, k)| >= delta * |cos(s, k)|, s the running sum). The first valid row
@@ -21,10 +21,8 @@ counts rounded to powers of two). Two ways to get neighbours:
   with the component's rows are computed (O(neighbors·budget·d) per row). The fallback scans rows
   in similarity order in chunks of `_CHUNK`, re-checking constraints lazily as the reference does.
 
-The default is "onthefly", by measurement (scripts/bench_select.py, 2 shared CPU cores, N = 20,000,
-d = 1024): the whole selection took 1-2 s on the fly against 20-30 s with a graph, whose O(N²·d)
-build dominates; the walk itself ran at the speed of its matrix-vector products (0.8-1.1× the time
-of the same number of bare products).
+The default is "onthefly": it needs no O(N²·d) graph build, which dominates graph mode's cost
+(measured by scripts/bench_select.py; the numbers are in the README's Performance section).
 
 Sharded (``mesh=`` from `g2is_jax.sharding.make_mesh`): T is padded with zero rows to whole
 row tiles on every device and split by rows over all of the mesh's devices; the same jitted loop
@@ -44,8 +42,7 @@ then pass whatever the summation order; the NumPy reference in the tests applies
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -58,17 +55,14 @@ from jax.sharding import PartitionSpec as P
 from g2is_jax import sharding
 from g2is_jax.errors import G2ISError
 from g2is_jax.select import core
-from g2is_jax.select.core import STEP_ANCHOR, STEP_FALLBACK, STEP_NEIGHBOR, SelectionResult
+from g2is_jax.select.core import STEP_ANCHOR, STEP_FALLBACK, STEP_NEIGHBOR
+from g2is_jax.vocab import WALK_MODES, WalkMode
 
-Mode = Literal["onthefly", "graph"]
-MODES = ("onthefly", "graph")
+Mode = WalkMode
+MODES = WALK_MODES
 _COS_RTOL_ULPS = 64
 _CHUNK = 128  # fallback scan width in graph mode; divides the padded row count
 _HIGHEST = lax.Precision.HIGHEST
-
-# Counts traces of the compiled walk, so tests can check it compiles once per shape bucket.
-TRACE_COUNT = {"walk": 0}
-
 
 class WalkOutput(NamedTuple):
     """Selected rows in order (int32), the component that chose each, and how (step kind)."""
@@ -222,8 +216,7 @@ def _row_taker(mesh: Mesh | None):
     return take
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "mode", "bmax", "mesh"))
-def _walk(
+def _walk_impl(
     t: jax.Array,
     sq: jax.Array,
     comps: jax.Array,
@@ -232,39 +225,50 @@ def _walk(
     delta: jax.Array,
     neighbors: jax.Array,
     graph: jax.Array,
+    rank_abs: jax.Array | None = None,
     *,
     capacity: int,
     mode: str,
     bmax: int,
     mesh: Mesh | None = None,
 ):
-    TRACE_COUNT["walk"] += 1
+    """The walk over prepared rows (module docstring). `rank_abs[c]` ranks component c's anchor
+    and fallback candidates by |T·k| instead of T·k (sign-free); None means False for all.
+    Returns (indices, components, steps) of length `capacity` (-1 where unused) and the count."""
     take = _row_taker(mesh)
     npad, d = t.shape
     acc = sq.dtype
     iota = jnp.arange(npad, dtype=jnp.int32)
     real = iota < n_rows
     delta = delta.astype(acc)
+    if rank_abs is None:
+        rank_abs = jnp.zeros(comps.shape[0], bool)
+
+    def rank(carry: _Carry) -> jax.Array:
+        """What anchors and fallbacks maximise: T·k, or |T·k| for a sign-free component."""
+        return jnp.where(rank_abs[carry.comp], jnp.abs(carry.sims), carry.sims)
 
     def start(carry: _Carry) -> _Carry:
         # New component: similarities to k, then the anchor, the unselected row most similar to k.
         # (The release first scans the `anchor_pool` most similar rows and then all rows; both
         # stages together pick exactly this row.)
         sims = _canon(_matvec(t, comps[carry.comp], acc))
-        anchor = _first_max(sims, ~carry.taken)
+        carry = carry._replace(sims=sims)
+        ranked = rank(carry)
+        anchor = _first_max(ranked, ~carry.taken)
         found = anchor < npad
         row = jnp.where(found, anchor, 0)
-        carry = _record(carry._replace(sims=sims), anchor, STEP_ANCHOR, found)
+        carry = _record(carry, anchor, STEP_ANCHOR, found)
         carry = carry._replace(
             last=row, done=~found, sk=take(sims, row), ss=take(sq, row),
-            mode=_start_mode(carry, sims, row),
+            mode=_start_mode(carry, ranked, row),
         )
         return _advance(carry, budgets, found)
 
-    def _start_mode(carry: _Carry, sims: jax.Array, row: jax.Array):
+    def _start_mode(carry: _Carry, ranked: jax.Array, row: jax.Array):
         if mode == "onthefly":
             return _OnTheFly(jnp.full((npad,), jnp.inf, acc), jnp.zeros((npad,), acc))
-        key = jnp.where(real, _canon(-sims), jnp.inf)
+        key = jnp.where(real, _canon(-ranked), jnp.inf)
         order = jnp.argsort(key, stable=True).astype(jnp.int32)
         s_rows = jnp.zeros((bmax, d), t.dtype).at[0].set(t[row])
         return _GraphState(t[row].astype(acc), s_rows, order)
@@ -285,7 +289,7 @@ def _walk(
         x_c1 = take(x, c1s)
         ahead = real & ((x > x_c1) | ((x == x_c1) & (iota < c1)))
         near = (c1 < npad) & (jnp.sum(ahead) < neighbors)
-        row = jnp.where(near, c1, _first_max(carry.sims, valid))  # else the fallback
+        row = jnp.where(near, c1, _first_max(rank(carry), valid))  # else the fallback
         found = row < npad
         carry = carry._replace(mode=_OnTheFly(min_dot, dot_s))
         new_sq_row = take(new_sq, jnp.minimum(row, npad - 1))
@@ -367,6 +371,83 @@ def _walk(
     return carry.out_idx, carry.out_comp, carry.out_step, carry.pos
 
 
+def walk_arrays(
+    components: Any,
+    budgets: Any,
+    *,
+    n_rows: int,
+    n_padded: int,
+    acc: Any,
+    neighbors: int,
+    mode: str,
+    graph: Any = None,
+    rank_abs: Any = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The walk's small inputs as host arrays, padded to static buckets, and its static sizes.
+
+    Components (C×d) and budgets (C,) are padded to a power-of-two count (zero budgets are
+    skipped), the graph's rows to `n_padded` and its columns to a power of two, so that nearby
+    problems share one compiled program. `neighbors=0` means the full sorted list (every row).
+    Returns (arrays, static) with arrays components, budgets, rank_abs, n_rows, neighbors,
+    graph and static capacity, bmax.
+    """
+    d = np.shape(components)[1]
+    comps = np.asarray(components, dtype=np.float64)
+    chex.assert_shape(comps, (None, d))
+    budgets = np.asarray(budgets, dtype=np.int64)
+    chex.assert_shape(budgets, (comps.shape[0],))
+    core.check_choice("mode", mode, MODES)
+    if isinstance(neighbors, bool) or int(neighbors) != neighbors or neighbors < 0:
+        raise G2ISError(f"neighbors must be 0 (every row) or a positive integer, got "
+                        f"{neighbors}", param="neighbors")
+    width_wanted = n_rows if neighbors == 0 else min(int(neighbors), n_rows)
+    total = int(budgets.sum())
+    if total > n_rows:
+        raise G2ISError(f"budget {total} is larger than the pool ({n_rows} rows); lower it",
+                        param="budget")
+    n_comp = core.bucket(comps.shape[0], 8)
+    comps_p = np.zeros((n_comp, d), acc)
+    comps_p[: comps.shape[0]] = comps
+    budgets_p = np.zeros(n_comp, np.int32)
+    budgets_p[: budgets.shape[0]] = budgets
+    abs_p = np.zeros(n_comp, bool)
+    if rank_abs is not None:
+        abs_p[: comps.shape[0]] = np.asarray(rank_abs, bool)
+    if mode == "graph":
+        if graph is None:
+            raise G2ISError("graph mode needs a neighbour graph; build one with `g2is graph`",
+                            param="graph")
+        graph = np.asarray(graph, np.int32)
+        if graph.ndim != 2 or graph.shape[0] < n_rows:
+            raise G2ISError(
+                f"the graph has {graph.shape[0]} rows for {n_rows} features; rebuild it "
+                "from these features with `g2is graph`", param="graph"
+            )
+        if graph.shape[1] < width_wanted:
+            raise G2ISError(
+                f"the graph keeps {graph.shape[1]} neighbours per row, fewer than neighbors="
+                f"{neighbors or 'all'}; rebuild it with that many neighbours or lower neighbors",
+                param="neighbors"
+            )
+        # Rows padded to the row tile, columns to a power of two (one program for nearby
+        # widths); padded columns lie beyond min(neighbors, n_rows) and are never read.
+        width = core.bucket(graph.shape[1])
+        graph = np.pad(graph[:n_rows], ((0, n_padded - n_rows), (0, width - graph.shape[1])))
+        bmax = core.bucket(int(budgets.max(initial=1)), 64)
+    else:
+        graph = np.zeros((n_padded, 1), np.int32)
+        bmax = 1
+    arrays = {
+        "components": comps_p,
+        "budgets": budgets_p,
+        "rank_abs": abs_p,
+        "n_rows": np.int32(n_rows),
+        "neighbors": np.int32(width_wanted),
+        "graph": graph,
+    }
+    return arrays, {"capacity": core.bucket(total, 64), "bmax": bmax}
+
+
 def gradient_walk(
     unit_rows: jax.Array,
     sq_norms: jax.Array,
@@ -378,75 +459,43 @@ def gradient_walk(
     neighbors: int = 100,
     mode: Mode = "onthefly",
     graph: Any = None,
+    rank_abs: Any = None,
     mesh: Mesh | None = None,
 ) -> WalkOutput:
-    """Run the walk on prepared rows (`core.prepare_rows`) and unit components (C×d).
+    """Run the walk on prepared rows (`core.prepare_rows`) and unit components (C×d); host side.
 
     `budgets` (C,) are the rows per component (zeros are skipped); `n_rows` the real rows before
     padding. In graph mode `graph` is the (N×W) neighbour index array, rows sorted by similarity.
     With `mesh`, pass rows from `prepare_sharded_rows`. Returns the selection trimmed to the rows
-    actually chosen.
+    actually chosen. For a function that composes under jit and vmap, use
+    `select_plan` + `select_kernel` (plan.py).
     """
-    npad, d = unit_rows.shape
+    npad = unit_rows.shape[0]
     acc = core.acc_dtype(unit_rows.dtype)
-    comps = np.asarray(components, dtype=np.float64)
-    chex.assert_shape(comps, (None, d))
-    budgets = np.asarray(budgets, dtype=np.int64)
-    chex.assert_shape(budgets, (comps.shape[0],))
-    if mode not in MODES:
-        raise G2ISError(f"unknown walk mode {mode!r}; use one of {', '.join(MODES)}")
-    total = int(budgets.sum())
-    if total > n_rows:
-        raise G2ISError(f"budget {total} is larger than the pool ({n_rows} rows); lower it")
-    # Static sizes rounded up so similar problems share one compiled program.
-    n_comp = core.bucket(comps.shape[0], 8)
-    comps_p = np.zeros((n_comp, d))
-    comps_p[: comps.shape[0]] = comps
-    budgets_p = np.zeros(n_comp, np.int32)
-    budgets_p[: budgets.shape[0]] = budgets
-    capacity = core.bucket(total, 64)
-    if mode == "graph":
-        if graph is None:
-            raise G2ISError("graph mode needs a neighbour graph; build one with `g2is graph`")
-        graph = np.asarray(graph, np.int32)
-        if graph.ndim != 2 or graph.shape[0] < n_rows:
-            raise G2ISError(
-                f"the graph has {graph.shape[0]} rows for {n_rows} features; rebuild it "
-                "from these features with `g2is graph`"
-            )
-        if graph.shape[1] < min(neighbors, n_rows):
-            raise G2ISError(
-                f"the graph keeps {graph.shape[1]} neighbours per row, fewer than "
-                f"--neighbors {neighbors}; rebuild it with --neighbors {neighbors} or lower it"
-            )
-        # Rows padded to the row tile, columns to a power of two (one program for nearby
-        # widths); padded columns lie beyond min(neighbors, n_rows) and are never read.
-        width = core.bucket(graph.shape[1])
-        graph = np.pad(graph[:n_rows], ((0, npad - n_rows), (0, width - graph.shape[1])))
-        bmax = core.bucket(int(budgets.max(initial=1)), 64)
-    else:
-        graph = np.zeros((npad, 1), np.int32)
-        bmax = 1
-    small = (
-        comps_p.astype(acc),
-        budgets_p,
-        np.int32(n_rows),
-        np.asarray(delta, acc),
-        np.int32(min(neighbors, 2**31 - 1)),
-    )
+    arrays, static = walk_arrays(components, budgets, n_rows=n_rows, n_padded=npad, acc=acc,
+                                 neighbors=neighbors, mode=mode, graph=graph, rank_abs=rank_abs)
+    small = (arrays["components"], arrays["budgets"], arrays["n_rows"],
+             np.asarray(delta, acc), arrays["neighbors"])
+    graph = arrays["graph"]
     if mesh is None:
-        small, graph = tuple(jnp.asarray(x) for x in small), jnp.asarray(graph[:npad])
+        small, graph = tuple(jnp.asarray(x) for x in small), jnp.asarray(graph)
+        abs_arr = jnp.asarray(arrays["rank_abs"])
     else:
         if npad % (core.ROW_TILE * mesh.size):
             raise ValueError("sharded rows must come from prepare_sharded_rows")
-        small = sharding.place(small, sharding.replicated(mesh))
-        graph = sharding.place_rows(graph[:npad], mesh, npad)
-    idx, comp, step, count = _walk(
-        unit_rows, sq_norms, *small, graph, capacity=capacity, mode=mode, bmax=bmax, mesh=mesh
-    )
+        small, abs_arr = sharding.place((small, arrays["rank_abs"]), sharding.replicated(mesh))
+        graph = sharding.place_rows(graph, mesh, npad)
+    idx, comp, step, count = _walk(unit_rows, sq_norms, *small, graph, abs_arr, mode=mode,
+                                   mesh=mesh, **static)
     host = sharding.to_host
     k = int(host(count))
     return WalkOutput(host(idx)[:k], host(comp)[:k], host(step)[:k])
+
+
+# The compiled walk: what `plan.select_kernel` calls (jitted, so eager calls of the kernel
+# compile once per shape bucket; nested inside a user's jit it is inlined).
+WALK_STATIC = ("capacity", "mode", "bmax", "mesh")
+walk_kernel = _walk = jax.jit(_walk_impl, static_argnames=WALK_STATIC)
 
 
 def prepare_sharded_rows(x: Any, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
@@ -456,88 +505,3 @@ def prepare_sharded_rows(x: Any, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     if isinstance(x, jax.Array) and x.is_fully_addressable:
         x = np.asarray(x)
     return core.prepare_rows(sharding.place_rows(x, mesh, npad))
-
-
-def g2is_select(
-    train: Any,
-    val: Any,
-    *,
-    ratio: float = 0.01,
-    delta: float = 0.8,
-    pca_variance: float = 0.5,
-    n_components: int | None = None,
-    neighbors: int = 100,
-    anchor_pool: int = 1000,
-    mode: Mode = "onthefly",
-    graph: Any = None,
-    budget: int | None = None,
-    mesh: Mesh | None = None,
-) -> SelectionResult:
-    """G2IS selection from pool features `train` (N×d) and target features `val` (n×d).
-
-    1. Rows of `train` normalised (norm floor 1e-10). 2. Core knowledge: PCA of `val`
-    (`core.core_knowledge`). 3. Budget int(N·ratio) (or `budget`) split by largest remainder.
-    4. The walk (module docstring). `anchor_pool` is accepted for parity with the release; with
-    ties broken by index it cannot change the anchor (see `_walk.start`). In graph mode `graph`
-    is a `graph.KnnGraph` or an (N×W) index array; without one it is built here.
-    Dtype is kept: float32, bfloat16 storage (float32 arithmetic), float64 under x64.
-    `mesh` splits T's rows over the mesh's devices (module docstring); the selection is the same.
-    """
-    check = core.check_fraction
-    check("delta", delta, "--delta")
-    neighbors = core.check_positive_int("neighbors", neighbors, "--neighbors")
-    core.check_positive_int("anchor_pool", anchor_pool, "--anchor-pool")
-    if mode not in MODES:
-        raise G2ISError(f"unknown walk mode {mode!r}; use one of {', '.join(MODES)}")
-    t = core.as_features(train, "train features")
-    v = core.as_features(val, "validation features")
-    core.check_dims(t, v)
-    n_rows = t.shape[0]
-    if budget is None:
-        total = core.total_budget(n_rows, ratio)
-    else:
-        total = core.check_budget(budget, n_rows)
-    know = core.core_knowledge(v, pca_variance=pca_variance, n_components=n_components)
-    budgets = core.allocate_budgets(total, know.weights)
-    unit, sq = core.prepare_rows(t) if mesh is None else prepare_sharded_rows(t, mesh)
-    neighbor_idx = None
-    if mode == "graph":
-        from g2is_jax.select import graph as graph_lib
-
-        if graph is None:
-            graph = graph_lib.knn_graph(unit, neighbors, n_rows=n_rows)
-        neighbor_idx = graph_lib.neighbor_indices(graph, n_rows)
-    out = gradient_walk(
-        unit,
-        sq,
-        know.components,
-        budgets,
-        n_rows=n_rows,
-        delta=delta,
-        neighbors=neighbors,
-        mode=mode,
-        graph=neighbor_idx,
-        mesh=mesh,
-    )
-    per_comp = []
-    for c, b in enumerate(budgets):
-        mine = out.components == c
-        per_comp.append(
-            {
-                "component": c,
-                "explained_variance_ratio": float(know.explained_variance_ratio[c]),
-                "weight": float(know.weights[c]),
-                "budget": int(b),
-                "selected": int(mine.sum()),
-                "neighbor_steps": int((mine & (out.steps == STEP_NEIGHBOR)).sum()),
-                "fallback_steps": int((mine & (out.steps == STEP_FALLBACK)).sum()),
-            }
-        )
-    return SelectionResult(
-        indices=out.indices.astype(np.int64),
-        components=out.components.astype(np.int64),
-        steps=out.steps.astype(np.int64),
-        per_component=tuple(per_comp),
-        method="g2is",
-        budget=total,
-    )
