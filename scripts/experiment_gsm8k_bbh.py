@@ -184,11 +184,13 @@ def main(argv=None) -> int:
         args.pool_size, args.n_train, args.n_test, args.n_test_gsm8k = 120, 10, 8, 4
         args.dim, args.seeds = 512, "0"
 
+    from g2is_jax.cli import setup_logging
     from g2is_jax.models.loading import load_tokenizer
     from g2is_jax.pipeline import run_pipeline
     from g2is_jax.report import format_report
     from g2is_jax.runconfig import config_from_mapping
 
+    setup_logging()  # INFO lines, no orbax noise, as the CLI
     files = build_files(args.data, args.out / "data", targets=args.targets.split(","),
                         pool_size=args.pool_size, n_train=args.n_train, n_test=args.n_test,
                         n_test_gsm8k=args.n_test_gsm8k, seed=args.seed,
