@@ -51,7 +51,6 @@ AXES = (DATA, FSDP)
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
-_JOINED: list[ProcessSpec] = []  # the run this process joined (jax.distributed joins once)
 
 
 # ----------------------------------------------------------------------------- mesh specs
@@ -333,9 +332,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     spec = process_spec(coordinator, num_processes, process_id)
     if not spec.multi:
         return False
-    if _JOINED:  # a second command in the same process (e.g. grads, then select)
-        if _JOINED[0] != spec:
-            raise G2ISError(f"this process already joined {_JOINED[0]}; it cannot join {spec}")
+    if jax.distributed.is_initialized():  # a second command in this process (grads, then select)
+        joined = (jax.process_count(), jax.process_index())
+        wanted = (spec.num_processes, spec.process_id)
+        if any(w is not None and w != j for w, j in zip(wanted, joined)):
+            raise G2ISError(f"this process already joined a run as process {joined[1]} of "
+                            f"{joined[0]}; it cannot join {spec}")
         return True
     kwargs = {} if spec.coordinator == "auto" else {
         "coordinator_address": spec.coordinator, "num_processes": spec.num_processes,
@@ -346,7 +348,6 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         raise G2ISError(f"cannot join the multi-process run ({spec}): {e}. Start every "
                         "process with the same --coordinator and --num-processes, each with its "
                         "own --process-id, before any other JAX work") from e
-    _JOINED.append(spec)
     log.info("process %d of %d, %d local of %d devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from g2is_jax.allocate import largest_remainder
 from g2is_jax.data.formats import Message, Record, write_jsonl
 from g2is_jax.errors import G2ISError
 from g2is_jax.io import atomic_write, check_output_dir
@@ -295,12 +296,9 @@ def _record(rid: str, domain: str, kind: str, prompt: str, answer: str, correct:
 
 
 def _allocate(total: int, weights: Sequence[float]) -> list[int]:
-    """Integer counts summing to ``total`` in proportion to ``weights`` (largest remainder)."""
-    w = np.asarray(weights, dtype=np.float64)
-    exact = total * w / w.sum()
-    counts = np.floor(exact).astype(int)
-    for j in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
-        counts[j] += 1
+    """Integer counts summing to ``total`` in proportion to ``weights`` (largest remainder,
+    equal remainders to the earlier domain first)."""
+    counts = largest_remainder(total, weights, ties="earlier", normalize=True)
     return [int(c) for c in counts]
 
 

@@ -20,7 +20,6 @@ trained modules) are refused with a `G2ISError` naming the file, never silently 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -84,7 +83,9 @@ def peft_tensor_names(layer: int, target: str) -> tuple[str, str]:
 def save_peft_adapter(model: Llama, directory: str | Path, *,
                       base_model_name_or_path: str | None = None) -> Path:
     """Write `model`'s adapters as a PEFT LoRA adapter directory; returns the directory."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from g2is_jax.io import atomic_write, atomic_write_json
 
     lora = model.lora_config
     if lora is None:
@@ -122,9 +123,10 @@ def save_peft_adapter(model: Llama, directory: str | Path, *,
         "alpha_pattern": {},
         "revision": None,
     }
-    # Weights first, config last: a directory with a config always has its weights.
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # Weights first, config last, each atomically: a directory with a config always has its
+    # whole weights file.
+    atomic_write(out / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(out / ADAPTER_CONFIG, config, indent=2)
     return out
 
 

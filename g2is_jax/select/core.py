@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from g2is_jax.allocate import largest_remainder
 from g2is_jax.errors import G2ISError
 from g2is_jax.vocab import PCA_SIGNS, VAL_NORMALIZE, PcaSign, ValNormalize  # noqa: F401
 
@@ -354,26 +355,10 @@ def core_knowledge(
 
 def allocate_budgets(total: int, weights: Sequence[float] | np.ndarray, *,
                      ties: Literal["later", "earlier"] = "later") -> np.ndarray:
-    """Split `total` by `weights` with the largest-remainder method; the parts sum to `total`.
-
-    Each part is floor(total * w); the leftover rows go one each to the largest fractional
-    remainders. Equal remainders go to the later part first by default, which is what the
-    authors' `np.argsort(...)[::-1]` does for the few components PCA keeps; ``ties="earlier"``
-    gives them to the earlier part first. The project's one largest-remainder allocator.
-    """
-    check_choice("ties", ties, ("later", "earlier"))
-    w = np.asarray(weights, dtype=np.float64)
-    exact = total * w
-    parts = np.floor(exact).astype(np.int64)
-    leftover = int(total - parts.sum())
-    if leftover > 0:
-        frac = exact - parts
-        if ties == "later":
-            order = np.argsort(frac, kind="stable")[::-1]
-        else:
-            order = np.argsort(-frac, kind="stable")
-        parts[order[:leftover]] += 1
-    return parts
+    """Split `total` rows by `weights` with the largest-remainder method; the parts sum to
+    `total`. Equal remainders go to the later component first by default, which is what the
+    authors' `np.argsort(...)[::-1]` does (`g2is_jax.allocate.largest_remainder`)."""
+    return largest_remainder(total, weights, ties=ties)
 
 
 # ---------------------------------------------------------------------------------------------
