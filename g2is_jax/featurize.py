@@ -17,15 +17,27 @@ to float rounding (~5e-10 seen in the tests: XLA sums a smaller per-device batch
 another order). With several processes every process builds the
 same plan, feeds its devices only their rows, and commits the rows its devices computed to its
 own resumable shard store ``OUT/shards/process-<i>-of-<n>``; a batch is skipped on resume only
-when every process has it. After a barrier, process 0 merges the shards into ``OUT``
-(`store.merge_shards`): the same features.npy and meta.json, byte for byte, as one process.
+when every process has it. After a barrier the shards become ``OUT`` on process 0, the same
+features.npy and meta.json, byte for byte, as one process, in one of two ways (`gather`):
+
+* ``"shared-fs"`` (default): ``OUT`` is one folder every process writes to; process 0 reads the
+  shard folders and merges them (`store.merge_shards`);
+* ``"network"``: no shared folder; each process keeps its shard on its own disk and sends its
+  rows to process 0 over the JAX distributed runtime in steps of at most `gather_chunk_bytes`
+  (`sharding.gather_rows_to_primary`), and process 0 writes them into ``OUT``.
+
+NaN and Inf are checked where rows are computed: each process over its own rows (the store
+refuses them on commit); process 0 does not scan the rows it merges or receives again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +89,8 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
                      moments: AdamMoments | None = None,
                      batch_size: int = 8, max_length: int = 2048,
                      meta: dict[str, Any] | None = None, overwrite: bool = False,
-                     progress: bool = True, mesh: Mesh | None = None) -> Path:
+                     progress: bool = True, mesh: Mesh | None = None,
+                     gather: str = "shared-fs", gather_chunk_bytes: int | None = None) -> Path:
     """Write the features of `records` (row i = record i) to the store `out`.
 
     `gradient` is "sgd", "adam" or "sign" (gradients with respect to the LoRA adapters `model`
@@ -91,8 +104,11 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
     text in `meta` is compared. A resume under any other value is refused.
     `mesh` (`g2is_jax.sharding.make_mesh`; default: every device on ``data``) splits each batch
     over its devices and the base weights over its ``fsdp`` axis; with several processes each
-    writes its own rows and process 0 merges them (module docstring).
-    Returns the path of the finished `features.npy`.
+    writes its own rows and process 0 merges them: from the shard folders under `out`
+    (``gather="shared-fs"``: `out` must be one folder for all processes) or over the network
+    (``gather="network"``, at most `gather_chunk_bytes` per step, default
+    `sharding.GATHER_CHUNK_BYTES`); see the module docstring.
+    Returns the path of the finished `features.npy` (on process 0's file system).
     """
     if not records:
         raise G2ISError("no records to compute features for")
@@ -102,6 +118,8 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         raise G2ISError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     if gradient == "adam" and moments is None:
         raise G2ISError("gradient='adam' needs the checkpoint's Adam moments (moments=...)")
+    if gather not in GATHERS:
+        raise G2ISError(f"gather must be one of {', '.join(GATHERS)}, got {gather!r}")
     mesh = sharding.make_mesh() if mesh is None else mesh
     graphdef, base, lora = split_lora(model)
     n_params = count_params(lora)
@@ -169,9 +187,11 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
                          full_meta["record_ids"])
             return store.finalize()
     return _compute_multiprocess(Path(out), full_meta, dim, batches, plan, step, placed,
-                                 gradient, progress, overwrite, ignore)
+                                 gradient, progress, overwrite, ignore, gather,
+                                 gather_chunk_bytes)
 
 
+GATHERS = ("shared-fs", "network")  # how a multi-process run's rows reach process 0
 IGNORED_META = ("package_version", "jax_version")
 # A path key of meta and the content fingerprint that stands for it when present.
 _PATH_KEYS = {"model": "model_fingerprint", "checkpoint": "lora_fingerprint",
@@ -292,14 +312,19 @@ SHARDS = "shards"
 
 def _compute_multiprocess(out: Path, full_meta: dict[str, Any], dim: int, batches, plan: _Plan,
                           step, placed, gradient: str, progress: bool, overwrite: bool,
-                          ignore: Sequence[str] = IGNORED_META) -> Path:
-    """Each process commits its rows to its own resumable shard store; after a barrier process 0
-    merges the shards into `out` (needs `out` on a file system every process writes to; else
-    copy the shard directories there and call `store.merge_shards`)."""
+                          ignore: Sequence[str] = IGNORED_META, gather: str = "shared-fs",
+                          chunk_bytes: int | None = None) -> Path:
+    """Each process commits its rows to its own resumable shard store; after a barrier they
+    reach `out` on process 0: merged from the shard folders (``gather="shared-fs"``: needs
+    `out` on a file system every process writes to; else copy the shard directories there and
+    call `store.merge_shards`), or sent over the network (``"network"``, `_gather_network`)."""
     pid, nproc = jax.process_index(), jax.process_count()
-    if (out / FEATURES).exists() and not overwrite:
+    # Process 0's `out` decides: without a shared file system only it can see the result.
+    if sharding.gather_processes(np.int32((out / FEATURES).exists()))[0] and not overwrite:
         raise G2ISError(f"{out} already holds finished features: use them as they are, or "
                         "pass --overwrite to recompute")
+    if gather == "network":
+        _check_same_meta(full_meta)
     mine = sharding.local_row_positions(plan.mesh, plan.rows)
     rows = np.concatenate([plan.padded(b)[0][mine] for b in batches])
     rows = np.sort(rows[rows >= 0])
@@ -325,9 +350,101 @@ def _compute_multiprocess(out: Path, full_meta: dict[str, Any], dim: int, batche
         if store is not None:
             store.close()
     sharding.barrier("g2is-features-shards")
+    if gather == "network":
+        _gather_network(out, full_meta, dim, rows, directory, chunk_bytes)
+        return out / FEATURES
     try:
         if sharding.is_primary():
             merge_shards(out, [shard_dir(out, p, nproc) for p in range(nproc)])
     finally:
         sharding.barrier("g2is-features-merged")
     return out / FEATURES
+
+
+def _check_same_meta(full_meta: dict[str, Any]) -> None:
+    """Every process must compute the rows of one configuration (what `merge_shards` checks of
+    the shard folders): compare a digest of each process's meta before computing anything."""
+    text = json.dumps(full_meta, sort_keys=True).encode()
+    digests = sharding.gather_processes(np.frombuffer(hashlib.sha256(text).digest(), np.uint8))
+    other = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
+    if other:
+        raise G2ISError(f"process(es) {', '.join(map(str, other))} were started with another "
+                        "configuration than process 0 (data file, model, checkpoint or adapter, "
+                        "options, or package versions differ); start every process with the "
+                        "same command on the same files")
+
+
+def _gather_network(out: Path, full_meta: dict[str, Any], dim: int, rows: np.ndarray,
+                    directory: Path, chunk_bytes: int | None) -> None:
+    """Send each process's finished shard (on its own disk) to process 0, which writes `out`
+    exactly as `merge_shards` would: meta.json is `full_meta` (record ids in row order) and
+    the rows go to their offsets. The rows were checked for NaN/Inf when their own process
+    committed them; they are not scanned again. The shards are removed once `out` is written."""
+    store, reader, error = None, None, None
+    try:
+        if rows.size:
+            reader = _RowReader(directory / FEATURES, int(rows.size), dim)
+        if sharding.is_primary():
+            store = open_store(out, full_meta, len(full_meta["record_ids"]), dim, overwrite=True)
+    except Exception as e:  # noqa: BLE001 - every process learns of it before the gather
+        error = e
+    hint = "the shard stores are kept: fix the cause and re-run the same command"
+    try:
+        sharding.raise_if_any_failed(error, "preparing to gather the features", hint)
+        sink = None if store is None else (
+            lambda idx, block: store.write(idx, block, check_finite=False))
+        steps = sharding.gather_rows_to_primary(rows, reader.read if reader else _no_rows, sink,
+                                                dim=dim, chunk_bytes=chunk_bytes)
+        error = None
+        if store is not None:
+            try:
+                store.finalize()
+            except Exception as e:  # noqa: BLE001 - reported to every process next
+                error = e
+        sharding.raise_if_any_failed(error, "writing the gathered features", hint)
+    finally:
+        if store is not None:
+            store.close()
+        if reader is not None:
+            reader.close()
+    log.info("features of %d processes gathered to process 0 in %d step(s)",
+             jax.process_count(), steps)
+    shutil.rmtree(directory, ignore_errors=True)
+    sharding.barrier("g2is-features-gathered")  # then the shards/ folder, once empty
+    with contextlib.suppress(OSError):
+        (out / SHARDS).rmdir()
+
+
+def _no_rows(start: int, stop: int) -> np.ndarray:
+    raise ValueError(f"this process holds no rows, asked for {start}:{stop}")
+
+
+class _RowReader:
+    """Rows of a finished store's features.npy read with plain file reads (no memory map, so
+    the pages read do not stay in this process's resident memory)."""
+
+    def __init__(self, path: Path, n: int, dim: int) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            version = np.lib.format.read_magic(self._file)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(self._file)
+        except (ValueError, OSError) as e:
+            self._file.close()
+            raise G2ISError(f"cannot read {path} ({e}); re-run with --overwrite") from None
+        if shape != (n, dim) or fortran or dtype != np.dtype("<f4"):
+            self._file.close()
+            raise G2ISError(f"{path} holds {shape} {dtype}, not this run's {n}x{dim} float32 "
+                            "rows; re-run with --overwrite")
+        self._offset, self._dim = self._file.tell(), dim
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self._file.seek(self._offset + start * self._dim * 4)
+        rows = np.fromfile(self._file, dtype="<f4", count=(stop - start) * self._dim)
+        if rows.size != (stop - start) * self._dim:
+            raise G2ISError(f"{self._file.name} is truncated; re-run with --overwrite")
+        return rows.reshape(stop - start, self._dim)
+
+    def close(self) -> None:
+        self._file.close()

@@ -222,11 +222,14 @@ class FeatureStore:
 
     # -- writing
 
-    def write(self, where: int | Sequence[int] | np.ndarray, rows: Any) -> None:
+    def write(self, where: int | Sequence[int] | np.ndarray, rows: Any, *,
+              check_finite: bool = True) -> None:
         """Commit rows: ``write(start, rows)`` for rows start.., or ``write(indices, rows)``.
 
         ``rows`` is (k, dim), cast to float32. Non-finite rows raise G2ISError naming their
         record ids, and nothing of the batch is stored. Rows already committed are refused.
+        ``check_finite=False`` skips that scan, only for rows a store already checked where they
+        were computed (process 0 writing the rows every process sent it, `g2is_jax.featurize`).
         """
         self._check_open()
         with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf: refused below
@@ -254,7 +257,7 @@ class FeatureStore:
                 f"rows already written: {idx[self._done[idx]][:10].tolist()}; "
                 "write only rows from store.missing()"
             )
-        bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+        bad = np.flatnonzero(~np.isfinite(rows).all(axis=1)) if check_finite else np.empty(0)
         if bad.size:
             names = ", ".join(
                 f"{rid} (row {i})" for rid, i in zip(self.record_ids(idx[bad][:20]), idx[bad][:20])
@@ -287,13 +290,13 @@ class FeatureStore:
         self._done[idx] = True
 
     def _write_rows(self, idx: np.ndarray, rows: np.ndarray) -> None:
-        order = np.argsort(idx, kind="stable")
-        idx, rows = idx[order], rows[order]
-        # pwrite each run of consecutive rows at once, then make the data durable.
+        # pwrite each run of consecutive rows at once, in the order given and from the array's
+        # own memory (no sorted copy: a gather step's rows come interleaved by process), then
+        # make the data durable.
         breaks = np.flatnonzero(np.diff(idx) != 1) + 1
         row_bytes = self.dim * DTYPE.itemsize
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, idx.size]):
-            buf = rows[lo:hi].tobytes()
+            buf = memoryview(rows[lo:hi]).cast("B")
             pos = self._offset + int(idx[lo]) * row_bytes
             while buf:
                 wrote = os.pwrite(self._data_fd, buf, pos)

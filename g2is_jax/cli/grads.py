@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "record i) and OUT/meta.json. Killed and re-run with the same command, it resumes; a "
         "changed input or setting is refused. Batches are split over every device of the "
         "--mesh; with several processes each writes its rows to OUT/shards/ and process 0 "
-        "merges them into the same OUT/features.npy one process writes.",
+        "merges them (--gather) into the same OUT/features.npy one process writes.",
     )
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (default), a .gguf file, or a Hugging Face checkpoint dir")
@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing (finished or partial) store in --out")
     _scale.add_arguments(p, fsdp=True)
+    p.add_argument("--gather", choices=["shared-fs", "network"], default="shared-fs",
+                   help="with several processes, how their rows reach process 0: 'shared-fs' "
+                   "(default): --out is one folder all processes write to, and process 0 merges "
+                   "the shard folders; 'network': no shared folder, each process sends its rows "
+                   "over the jax.distributed runtime in bounded steps (64 MiB by default)")
     p.set_defaults(func=run)
 
 
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     path = compute_features(model, tokenizer, records, args.out, gradient=args.gradient,
                             projector=projector, moments=moments, batch_size=args.batch_size,
                             max_length=args.max_length, meta=meta, overwrite=args.overwrite,
-                            mesh=mesh)
+                            mesh=mesh, gather=args.gather)
     if jax.process_index() == 0:
         print(json.dumps({"features": str(path), "n": len(records)}))
     return 0
