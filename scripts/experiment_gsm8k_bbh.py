@@ -18,8 +18,8 @@ Data (from ../shared/data, never copied into the project; derived files go to OU
   each selection by source) and BBH rows keep the benchmark's canary string.
 
 Pipeline (`g2is run` with [[targets]]): a warm-up LoRA on a sample of the general pool long
-enough for gradient conflicts to appear (default 4 epochs of 200 records, batch 4: 200 optimizer
-steps; the report's diagnostics show whether they did), Adam features of the pool and SGD
+enough for gradient conflicts to appear (default 2 epochs of LESS's 5% of the pool, batch 2: 100
+optimizer steps; the report's diagnostics show whether they did), Adam features of the pool and SGD
 features of each target's validation rows at the last checkpoint, Rademacher projection (as
 LESS), selection at ratio 0.01 by every method, LoRA fine-tunes on each selection with several
 seeds, test loss and exact match, paired differences with bootstrap intervals and a verdict per
@@ -75,17 +75,30 @@ def _record(row: dict) -> dict:
     return out
 
 
-def _fitting(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """The rows whose whole chat-formatted record fits in max_length tokens."""
+def _fits(tokenizer, max_length: int | None):
+    """A predicate: does the row's whole chat-formatted record fit in max_length tokens? (A cut
+    answer would train and score on part of the answer.)"""
+    if tokenizer is None:
+        return lambda row: True
     from g2is_jax.data.formats import convert_record
     from g2is_jax.data.tokenize import encode_record
 
-    keep = []
-    for row in rows:
+    def fits(row: dict) -> bool:
         rec = convert_record(_record(row), index=0, source=row["id"])
-        if len(encode_record(rec, tokenizer, max_length=1 << 20).input_ids) <= max_length:
-            keep.append(row)
-    return keep
+        return len(encode_record(rec, tokenizer, max_length=1 << 20).input_ids) <= max_length
+
+    return fits
+
+
+def _take(rows: list[dict], rng, k: int, fits) -> list[dict]:
+    """Up to k rows that fit, in a seeded random order (only as many tokenized as needed)."""
+    out = []
+    for i in rng.permutation(len(rows)):
+        if len(out) == k:
+            break
+        if fits(rows[i]):
+            out.append(rows[i])
+    return out
 
 
 def _write(rows: list[dict], path: Path) -> Path:
@@ -99,38 +112,31 @@ def build_files(data: Path, out: Path, *, targets: list[str], pool_size: int, n_
                 n_test: int, n_test_gsm8k: int, seed: int, tokenizer=None,
                 max_length: int | None = None) -> dict:
     """Write OUT/pool.jsonl and per target OUT/<name>.{dev,test,train}.jsonl; return the
-    [[targets]] tables and the pool path."""
+    [[targets]] tables and the pool path. Only rows that fit `max_length` tokens are used."""
     rng = np.random.default_rng(seed)
+    fits = _fits(tokenizer, max_length)
     tasks = sorted(p.stem for p in (data / "bbh").glob("*.json"))
-
-    def fit(rows: list[dict]) -> list[dict]:
-        return rows if tokenizer is None else _fitting(rows, tokenizer, max_length)
-
     out.mkdir(parents=True, exist_ok=True)
     target_tasks = set()
     tables = []
     for spec in targets:
         if spec == "gsm8k":
-            name, kind = "gsm8k", "gsm8k"
-            train_rows = fit(_gsm8k(data / "gsm8k", "train"))
-            order = rng.permutation(len(train_rows))
-            dev = [train_rows[i] for i in order[:N_DEV[kind]]]
-            own = [train_rows[i] for i in order[N_DEV[kind]:N_DEV[kind] + n_train]]
-            tests = fit(_gsm8k(data / "gsm8k", "test"))
-            test = [tests[i] for i in np.sort(rng.permutation(len(tests))[:n_test_gsm8k])]
-            domain = "gsm8k"
+            name, kind, domain = "gsm8k", "gsm8k", "gsm8k"
+            k = N_DEV[kind]
+            picked = _take(_gsm8k(data / "gsm8k", "train"), rng, k + n_train, fits)
+            dev, own = picked[:k], picked[k:]
+            test = sorted(_take(_gsm8k(data / "gsm8k", "test"), rng, n_test_gsm8k, fits),
+                          key=lambda r: r["id"])
         elif spec.startswith("bbh:") and spec[4:] in tasks:
             name, kind, task = spec[4:], "bbh", spec[4:]
-            target_tasks.add(task)
-            rows = fit(_bbh(data / "bbh", task))
-            order = rng.permutation(len(rows))
-            k = N_DEV[kind]
-            if len(rows) < k + n_train + 10:
-                raise SystemExit(f"bbh/{task} has {len(rows)} usable examples: lower --n-train")
-            dev = [rows[i] for i in order[:k]]
-            own = [rows[i] for i in order[k:k + n_train]]
-            test = [rows[i] for i in np.sort(order[k + n_train:k + n_train + n_test])]
             domain = f"bbh/{task}"
+            target_tasks.add(task)
+            k = N_DEV[kind]
+            picked = _take(_bbh(data / "bbh", task), rng, k + n_train + n_test, fits)
+            if len(picked) < k + n_train + 10:
+                raise SystemExit(f"bbh/{task} has {len(picked)} usable examples: lower --n-train")
+            dev, own = picked[:k], picked[k:k + n_train]
+            test = sorted(picked[k + n_train:], key=lambda r: r["id"])
         else:
             raise SystemExit(f"unknown target {spec!r}: use gsm8k or bbh:<task> "
                              f"({', '.join(tasks)})")
@@ -140,16 +146,29 @@ def build_files(data: Path, out: Path, *, targets: list[str], pool_size: int, n_
                        "train": str(paths["train"]), "domain": domain,
                        "max_new_tokens": MAX_NEW[kind]})
     general = [t for t in tasks if t not in target_tasks]
-    sources = {t: fit(_bbh(data / "bbh", t)) for t in general}
-    share = [pool_size // len(general) + (i < pool_size % len(general))
-             for i in range(len(general))]
-    pool = []
-    for t, k in zip(general, share):
-        rows = sources[t]
-        pool += [rows[i] for i in np.sort(rng.permutation(len(rows))[:min(k, len(rows))])]
+    # Even shares; a task with too few fitting rows gives its shortfall to the others.
+    rows = {t: _bbh(data / "bbh", t) for t in general}
+    order = {t: [int(i) for i in rng.permutation(len(rows[t]))] for t in general}
+    taken: dict[str, list[dict]] = {t: [] for t in general}
+    open_tasks = list(general)
+    while open_tasks and sum(len(v) for v in taken.values()) < pool_size:
+        need = pool_size - sum(len(v) for v in taken.values())
+        share = max(1, need // len(open_tasks))
+        for t in list(open_tasks):
+            got = 0
+            while got < share and order[t]:
+                row = rows[t][order[t].pop(0)]
+                if fits(row):
+                    taken[t].append(row)
+                    got += 1
+            if not order[t]:
+                open_tasks.remove(t)
+            if sum(len(v) for v in taken.values()) >= pool_size:
+                break
+    pool = [r for t in general for r in taken[t]]
     pool = [pool[i] for i in rng.permutation(len(pool))]
     return {"pool": str(_write(pool, out / "pool.jsonl")), "targets": tables,
-            "general_tasks": general}
+            "general_tasks": {t: len(taken[t]) for t in general}}
 
 
 def main(argv=None) -> int:
@@ -162,9 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--pool-size", type=int, default=2000, help="general pool records")
     ap.add_argument("--n-train", type=int, default=100, help="each target's own training split")
-    ap.add_argument("--n-test", type=int, default=100, help="test records per BBH target")
-    ap.add_argument("--n-test-gsm8k", type=int, default=40, help="GSM8K test records")
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--n-test", type=int, default=60, help="test records per BBH target")
+    ap.add_argument("--n-test-gsm8k", type=int, default=30, help="GSM8K test records")
+    ap.add_argument("--max-length", type=int, default=192)
     ap.add_argument("--methods", default="g2is,g2is-robust,g2is-abs,less,random")
     ap.add_argument("--ratio", default="0.01")
     ap.add_argument("--seeds", default="0,1,2", help="fine-tune seeds")
@@ -200,10 +219,10 @@ def main(argv=None) -> int:
         "max_length": args.max_length,
         "data": {"pool": files["pool"]},
         "targets": files["targets"],
-        # >= 50 optimizer steps of a small effective batch: 10% of the pool (200 records at
-        # the default size), batch 4, no accumulation, 4 epochs = 200 steps.
-        "warmup": {"preset": "cpu", "fraction": 0.1, "epochs": 1 if args.quick else 4,
-                   "batch_size": 4, "grad_accum": 1, "lora_rank": 8},
+        # >= 50 optimizer steps of a small effective batch: LESS's 5% of the pool (100 records
+        # at the default size), batch 2, no accumulation, 2 epochs = 100 steps.
+        "warmup": {"preset": "cpu", "fraction": 0.05, "epochs": 1 if args.quick else 2,
+                   "batch_size": 2, "grad_accum": 1, "lora_rank": 8},
         "features": {"projection": args.projection, "dim": args.dim, "batch_size": 8,
                      "checkpoints": "last"},
         "select": {"methods": args.methods.split(","), "ratios": [float(r) for r in
