@@ -8,6 +8,8 @@ The public API, one pure step per line (see README.md for the pipeline):
     grads = g2is_jax.per_example_grads(loss)                  # vmap(grad) over a batch
     rows = g2is_jax.Projector("sparse", dim=8192)(g2is_jax.flatten_per_example(grads(...)))
     result = g2is_jax.g2is_select(T, V, ratio=0.01, delta=0.8)
+    plan = g2is_jax.select_plan(T, V, ratio=0.01)             # host: checks, PCA, budgets
+    idx = jax.jit(g2is_jax.select_kernel)(T, plan, 0.8)       # device: the walk, pure
 
 Names are resolved lazily, so `import g2is_jax` (and the `g2is` CLI) stays cheap until a piece
 is used.
@@ -76,6 +78,17 @@ _EXPORTS: dict[str, str] = {
     "compute_features": "g2is_jax.featurize",
     # selection
     "g2is_select": "g2is_jax.select",
+    "select_plan": "g2is_jax.select",
+    "select_kernel": "g2is_jax.select",
+    "pad_to_plan": "g2is_jax.select",
+    "SelectPlan": "g2is_jax.select",
+    "SelectionResult": "g2is_jax.select",
+    "run_method": "g2is_jax.select",
+    "SelectionInputs": "g2is_jax.select",
+    "SelectOptions": "g2is_jax.select",
+    "METHODS": "g2is_jax.select",
+    "pool_diagnostics": "g2is_jax.select",
+    "diagnose": "g2is_jax.select",
     "core_knowledge": "g2is_jax.select",
     "allocate_budgets": "g2is_jax.select",
     "gradient_walk": "g2is_jax.select",
