@@ -76,11 +76,13 @@ class Stage:
 
 
 class Runner:
-    """Runs stages in RUN; records what ran and what was reused."""
+    """Runs stages in RUN; records what ran and what was reused. `read_only` only reuses: a
+    stage that is not finished with the same inputs is an error, and nothing is written."""
 
-    def __init__(self, root: Path, *, echo: bool = True):
+    def __init__(self, root: Path, *, echo: bool = True, read_only: bool = False):
         self.root = root
         self.echo = echo
+        self.read_only = read_only
         self.stages: list[Stage] = []
 
     def stage(self, name: str, path: Path, inputs: dict[str, Any],
@@ -94,6 +96,11 @@ class Runner:
             st = Stage(name, path, fp, True, float(old.get("seconds", 0.0)))
             self.stages.append(st)
             return st
+        if self.read_only:
+            state = "missing" if old is None else (
+                "unfinished" if old.get("fingerprint") == fp else "made from other inputs")
+            raise G2ISError(f"stage {name!r} in {self.root} is {state}; finish the run with the "
+                            "same config and code first")
         if old is not None and old.get("fingerprint") != fp:
             self._say(f"{name}: inputs changed, recomputing")
             _remove(path)
@@ -208,9 +215,10 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress: bool = True,
 
 
 class _Pipeline:
-    def __init__(self, cfg: RunConfig, root: Path, *, progress: bool, echo: bool):
+    def __init__(self, cfg: RunConfig, root: Path, *, progress: bool, echo: bool,
+                 read_only: bool = False):
         self.cfg, self.root, self.progress, self.echo = cfg, root, progress, echo
-        self.runner = Runner(root, echo=echo)
+        self.runner = Runner(root, echo=echo, read_only=read_only)
         self.features = _Features()
         self._model: Any = None
         self.t_start = time.perf_counter()

@@ -191,3 +191,18 @@ def test_run_selects_on_a_mesh_like_select(tmp_path):
     on_mesh = run_method("g2is", SelectionInputs([t], [v], mesh=mesh), opts)
     alone = run_method("g2is", SelectionInputs([t], [v]), opts)
     assert on_mesh.indices.tolist() == alone.indices.tolist() and len(alone.indices) == 15
+
+
+def test_read_only_runner_reuses_and_never_recomputes(tmp_path):
+    from g2is_jax.pipeline import Runner
+
+    calls = []
+    Runner(tmp_path).stage("a", tmp_path / "a", {"x": 1}, lambda d: calls.append(d))
+    ro = Runner(tmp_path, read_only=True)
+    assert ro.stage("a", tmp_path / "a", {"x": 1}, lambda d: calls.append(d)).cached
+    with pytest.raises(G2ISError, match="made from other inputs"):
+        ro.stage("a", tmp_path / "a", {"x": 2}, lambda d: calls.append(d))
+    with pytest.raises(G2ISError, match="missing"):
+        ro.stage("b", tmp_path / "b", {"x": 1}, lambda d: calls.append(d))
+    assert len(calls) == 1 and (tmp_path / "a" / "stage.json").is_file()
+    assert not (tmp_path / "b").exists()
