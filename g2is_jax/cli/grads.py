@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
             "data": str(data.resolve()) if data.is_file() else str(args.data),
             "data_sha256": file_sha256(data) if data.is_file() else None,
             "checkpoint_lr": None}
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    # Onto the mesh as it loads: a safetensors checkpoint streams each device's block of each
+    # tensor, so the host never holds the whole model (GGUF: loaded whole, then placed).
+    model, tokenizer = load_model(args.model, dtype=args.dtype, mesh=mesh)
     moments = None
     if args.checkpoint:
         from g2is_jax.train import load_checkpoint
