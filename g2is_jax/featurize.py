@@ -51,7 +51,14 @@ from g2is_jax.models.lora import (
 )
 from g2is_jax.progress import progress_bar
 from g2is_jax.projection import Projector, flatten_per_example
-from g2is_jax.store import FEATURES, GRADIENTS, merge_shards, open_store, save_shard_rows
+from g2is_jax.store import (
+    FEATURES,
+    GRADIENTS,
+    STORE_DTYPES,
+    merge_shards,
+    open_store,
+    save_shard_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,8 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
                      moments: AdamMoments | None = None,
                      batch_size: int = 8, max_length: int = 2048,
                      meta: dict[str, Any] | None = None, overwrite: bool = False,
-                     progress: bool = True, mesh: Mesh | None = None) -> Path:
+                     progress: bool = True, mesh: Mesh | None = None,
+                     feature_dtype: str = "float32") -> Path:
     """Write the features of `records` (row i = record i) to the store `out`.
 
     `gradient` is "sgd", "adam" or "sign" (gradients with respect to the LoRA adapters `model`
@@ -92,6 +100,8 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
     `mesh` (`g2is_jax.sharding.make_mesh`; default: every device on ``data``) splits each batch
     over its devices and the base weights over its ``fsdp`` axis; with several processes each
     writes its own rows and process 0 merges them (module docstring).
+    `feature_dtype` ("float32" or "bfloat16") is the dtype the rows are stored in: computed in
+    float32 whatever the model's dtype, then rounded once on writing.
     Returns the path of the finished `features.npy`.
     """
     if not records:
@@ -102,6 +112,9 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         raise G2ISError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     if gradient == "adam" and moments is None:
         raise G2ISError("gradient='adam' needs the checkpoint's Adam moments (moments=...)")
+    if feature_dtype not in STORE_DTYPES:
+        raise G2ISError(f"feature_dtype must be one of {', '.join(STORE_DTYPES)}, got "
+                        f"{feature_dtype!r}", param="feature_dtype")
     mesh = sharding.make_mesh() if mesh is None else mesh
     graphdef, base, lora = split_lora(model)
     n_params = count_params(lora)
@@ -145,6 +158,7 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "lora_fingerprint": tree_fingerprint(lora),
         "moments_fingerprint": tree_fingerprint(moments) if gradient == "adam" else None,
+        "dtype": feature_dtype,  # the store's row dtype (open_store reads it from here)
     }
     # Paths are for people; what is compared on resume is the content they held.
     ignore = IGNORED_META + tuple(k for k, fp in _PATH_KEYS.items() if full_meta.get(fp))

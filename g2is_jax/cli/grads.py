@@ -42,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="projection seed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the model's weights and compute (bfloat16: float32 softmax, loss, "
+                   "LoRA factors, gradients and projection)")
+    p.add_argument("--feature-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the stored features (bfloat16: half the disk and walk bandwidth)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing (finished or partial) store in --out")
     _scale.add_arguments(p, fsdp=True)
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     path = compute_features(model, tokenizer, records, args.out, gradient=args.gradient,
                             projector=projector, moments=moments, batch_size=args.batch_size,
                             max_length=args.max_length, meta=meta, overwrite=args.overwrite,
-                            mesh=mesh)
+                            mesh=mesh, feature_dtype=args.feature_dtype)
     if jax.process_index() == 0:
         print(json.dumps({"features": str(path), "n": len(records)}))
     return 0
