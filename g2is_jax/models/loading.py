@@ -165,7 +165,10 @@ def read_json_object(path: Path) -> dict:
 
 
 def _hf_config(directory: Path) -> ModelConfig:
-    path = directory / "config.json"
+    return _config_file(directory / "config.json")
+
+
+def _config_file(path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_hf(read_json_object(path))
     except G2ISError as err:
@@ -299,7 +302,11 @@ def _config(src: Source) -> ModelConfig:
 
 
 def load_config(spec: str | Path) -> ModelConfig:
-    """The `ModelConfig` of the checkpoint `spec` names (no weights read)."""
+    """The `ModelConfig` of the checkpoint `spec` names, or of a transformers config file
+    (any ``*.json``) alone; no weights read."""
+    path = Path(str(spec)).expanduser()
+    if path.is_file() and path.suffix.lower() == ".json":
+        return _config_file(path)
     return _config(resolve_spec(spec, weights=False))
 
 
