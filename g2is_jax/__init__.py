@@ -103,6 +103,8 @@ _EXPORTS: dict[str, str] = {
     "parse_mesh": "g2is_jax.sharding",
     "make_mesh": "g2is_jax.sharding",
     "initialize_distributed": "g2is_jax.sharding",
+    "memory_plan": "g2is_jax.memory",
+    "MemoryPlan": "g2is_jax.memory",
     "merge_shards": "g2is_jax.store",
     # the whole pipeline, its report and plots
     "RunConfig": "g2is_jax.runconfig",

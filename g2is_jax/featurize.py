@@ -63,7 +63,15 @@ from g2is_jax.models.lora import (
 )
 from g2is_jax.progress import progress_bar
 from g2is_jax.projection import Projector, flatten_per_example
-from g2is_jax.store import FEATURES, GRADIENTS, merge_shards, open_store, save_shard_rows
+from g2is_jax.store import (
+    FEATURES,
+    GRADIENTS,
+    STORE_DTYPES,
+    merge_shards,
+    open_store,
+    row_dtype,
+    save_shard_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +98,8 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
                      batch_size: int = 8, max_length: int = 2048,
                      meta: dict[str, Any] | None = None, overwrite: bool = False,
                      progress: bool = True, mesh: Mesh | None = None,
-                     gather: str = "shared-fs", gather_chunk_bytes: int | None = None) -> Path:
+                     gather: str = "shared-fs", gather_chunk_bytes: int | None = None,
+                     feature_dtype: str = "float32") -> Path:
     """Write the features of `records` (row i = record i) to the store `out`.
 
     `gradient` is "sgd", "adam" or "sign" (gradients with respect to the LoRA adapters `model`
@@ -108,6 +117,8 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
     (``gather="shared-fs"``: `out` must be one folder for all processes) or over the network
     (``gather="network"``, at most `gather_chunk_bytes` per step, default
     `sharding.GATHER_CHUNK_BYTES`); see the module docstring.
+    `feature_dtype` ("float32" or "bfloat16") is the dtype the rows are stored in: computed in
+    float32 whatever the model's dtype, then rounded once on writing.
     Returns the path of the finished `features.npy` (on process 0's file system).
     """
     if not records:
@@ -119,7 +130,11 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
     if gradient == "adam" and moments is None:
         raise G2ISError("gradient='adam' needs the checkpoint's Adam moments (moments=...)")
     if gather not in GATHERS:
-        raise G2ISError(f"gather must be one of {', '.join(GATHERS)}, got {gather!r}")
+        raise G2ISError(f"gather must be one of {', '.join(GATHERS)}, got {gather!r}",
+                        param="gather")
+    if feature_dtype not in STORE_DTYPES:
+        raise G2ISError(f"feature_dtype must be one of {', '.join(STORE_DTYPES)}, got "
+                        f"{feature_dtype!r}", param="feature_dtype")
     mesh = sharding.make_mesh() if mesh is None else mesh
     graphdef, base, lora = split_lora(model)
     n_params = count_params(lora)
@@ -163,6 +178,7 @@ def compute_features(model: Llama, tokenizer, records: Sequence[Record], out: st
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "lora_fingerprint": tree_fingerprint(lora),
         "moments_fingerprint": tree_fingerprint(moments) if gradient == "adam" else None,
+        "dtype": feature_dtype,  # the store's row dtype (open_store reads it from here)
     }
     # Paths are for people; what is compared on resume is the content they held.
     ignore = IGNORED_META + tuple(k for k, fp in _PATH_KEYS.items() if full_meta.get(fp))
@@ -382,8 +398,9 @@ def _gather_network(out: Path, full_meta: dict[str, Any], dim: int, rows: np.nda
     committed them; they are not scanned again. The shards are removed once `out` is written."""
     store, reader, error = None, None, None
     try:
+        dtype = row_dtype(full_meta.get("dtype") or "float32")
         if rows.size:
-            reader = _RowReader(directory / FEATURES, int(rows.size), dim)
+            reader = _RowReader(directory / FEATURES, int(rows.size), dim, dtype)
         if sharding.is_primary():
             store = open_store(out, full_meta, len(full_meta["record_ids"]), dim, overwrite=True)
     except Exception as e:  # noqa: BLE001 - every process learns of it before the gather
@@ -394,7 +411,7 @@ def _gather_network(out: Path, full_meta: dict[str, Any], dim: int, rows: np.nda
         sink = None if store is None else (
             lambda idx, block: store.write(idx, block, check_finite=False))
         steps = sharding.gather_rows_to_primary(rows, reader.read if reader else _no_rows, sink,
-                                                dim=dim, chunk_bytes=chunk_bytes)
+                                                dim=dim, dtype=dtype, chunk_bytes=chunk_bytes)
         error = None
         if store is not None:
             try:
@@ -423,25 +440,28 @@ class _RowReader:
     """Rows of a finished store's features.npy read with plain file reads (no memory map, so
     the pages read do not stay in this process's resident memory)."""
 
-    def __init__(self, path: Path, n: int, dim: int) -> None:
+    def __init__(self, path: Path, n: int, dim: int, dtype: np.dtype = np.dtype("<f4")) -> None:
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:
             version = np.lib.format.read_magic(self._file)
             read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                     else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(self._file)
+            shape, fortran, header_dtype = read(self._file)
+            want = np.dtype(dtype)
         except (ValueError, OSError) as e:
             self._file.close()
             raise G2ISError(f"cannot read {path} ({e}); re-run with --overwrite") from None
-        if shape != (n, dim) or fortran or dtype != np.dtype("<f4"):
+        # A bfloat16 file's header says "<V2" (np.save of an ml_dtypes array): same item size.
+        same = header_dtype == want or (want.itemsize == 2 and header_dtype == np.dtype("V2"))
+        if shape != (n, dim) or fortran or not same:
             self._file.close()
-            raise G2ISError(f"{path} holds {shape} {dtype}, not this run's {n}x{dim} float32 "
-                            "rows; re-run with --overwrite")
-        self._offset, self._dim = self._file.tell(), dim
+            raise G2ISError(f"{path} holds {shape} {header_dtype}, not this run's {n}x{dim} "
+                            f"{want} rows; re-run with --overwrite")
+        self._offset, self._dim, self._dtype = self._file.tell(), dim, want
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        self._file.seek(self._offset + start * self._dim * 4)
-        rows = np.fromfile(self._file, dtype="<f4", count=(stop - start) * self._dim)
+        self._file.seek(self._offset + start * self._dim * self._dtype.itemsize)
+        rows = np.fromfile(self._file, dtype=self._dtype, count=(stop - start) * self._dim)
         if rows.size != (stop - start) * self._dim:
             raise G2ISError(f"{self._file.name} is truncated; re-run with --overwrite")
         return rows.reshape(stop - start, self._dim)

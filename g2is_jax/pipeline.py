@@ -227,6 +227,11 @@ class _Pipeline:
         # The model's content (weights, config, tokenizer files), not its path text: every
         # stage that reads the model depends on it (g2is_jax.fingerprint).
         self.model_fp = model_fingerprint(cfg.model)
+        # What the model computes with, for the stages that run it. Absent for float32 (and a
+        # float32 feature store likewise), so run directories made before the option keep their
+        # cached stages.
+        self.model_inputs = {"model_fingerprint": self.model_fp,
+                             **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {})}
 
     # -- shared resources ----------------------------------------------------------------------
 
@@ -234,7 +239,7 @@ class _Pipeline:
         if self._model is None:
             from g2is_jax.models.loading import load_model
 
-            self._model = load_model(self.cfg.model)
+            self._model = load_model(self.cfg.model, dtype=self.cfg.dtype)
         return self._model
 
     # -- the stages ----------------------------------------------------------------------------
@@ -320,7 +325,7 @@ class _Pipeline:
 
         self.warm = self.runner.stage(
             "warmup", self.root / "warmup",
-            {"model_fingerprint": self.model_fp, "pool": self.hashes["pool"],
+            {**self.model_inputs, "pool": self.hashes["pool"],
              "train": warm_cfg.to_json()},
             warmup)
         self.epochs = (list(range(1, warm_cfg.epochs + 1)) if cfg.features.checkpoints == "all"
@@ -339,6 +344,9 @@ class _Pipeline:
             if self._role("train", t) in self.records:
                 roles.append((self._role("train", t), "adam"))
         self.feature_stages: dict[tuple[int, str], Stage] = {}
+        features_inputs = dataclasses.asdict(fc)
+        if fc.dtype == "float32":
+            del features_inputs["dtype"]  # see model_inputs
         for epoch in self.epochs:
             ckpt = self.warm.path / "checkpoints" / str(epoch)
             for role, kind in roles:
@@ -353,14 +361,14 @@ class _Pipeline:
                                      meta={"model": cfg.model, "checkpoint": str(ckpt),
                                            "checkpoint_lr": meta["epoch_mean_lr"],
                                            "data_sha256": self.hashes[role]},
-                                     progress=self.progress)
+                                     progress=self.progress, feature_dtype=fc.dtype)
 
                 self.feature_stages[epoch, role] = self.runner.stage(
                     f"features: {kind} of the {role} at warmup epoch {epoch}",
                     self.root / "features" / f"epoch-{epoch}" / role,
                     {"warmup": self.warm.fingerprint, "epoch": epoch, "role": role,
                      "kind": kind, "data": self.hashes[role],
-                     "features": dataclasses.asdict(fc), "max_length": cfg.max_length},
+                     "features": features_inputs, "max_length": cfg.max_length},
                     featurize)
 
     def scopes(self) -> list[Scope]:
@@ -462,7 +470,7 @@ class _Pipeline:
         ec = self.cfg.evaluate
         inputs = {"test": self.hashes[self._role("test", target)],
                   "evaluate": dataclasses.asdict(ec), "max_length": self.cfg.max_length,
-                  "model_fingerprint": self.model_fp}
+                  **self.model_inputs}
         if target.max_new_tokens is not None:
             inputs["max_new_tokens"] = target.max_new_tokens
         return inputs
@@ -513,7 +521,7 @@ class _Pipeline:
         ft_cfg = cfg.finetune.train_config(cfg.max_length, seed=seed, fraction=1.0)
         pool_id = {"pool": self.hashes["pool"], "setting": scope.pool,
                    "own": self.hashes.get(self._role("train", self._target(scope)))}
-        ft_inputs = {"model_fingerprint": self.model_fp,
+        ft_inputs = {**self.model_inputs,
                      "subset": fingerprint({**pool_id, "indices": indices}),
                      "train": ft_cfg.to_json()}
         row = {"target": scope.target, "pool": scope.pool, "method": method, "ratio": ratio,

@@ -1,10 +1,13 @@
 """The configuration of `g2is run`: frozen dataclasses read from TOML or YAML, with overrides.
 
-A run file has a top-level `model` and `max_length` and one table per stage; every key is
-optional and every unknown key is an error that names the valid ones::
+A run file has a top-level `model`, `max_length` and `dtype` and one table per stage; every key
+is optional and every unknown key is an error that names the valid ones::
 
     model = "smollm2-135m"
     max_length = 128
+    dtype = "float32"       # or "bfloat16": weights and compute of every stage that runs the
+                            # model (warmup, features, fine-tune, evaluation); one model is
+                            # loaded for the whole run, so the dtype is the run's, not a stage's
 
     [suite]                 # the synthetic suite, written into the run directory ...
     n_pool = 800
@@ -28,6 +31,7 @@ optional and every unknown key is an error that names the valid ones::
     [features]
     projection = "sparse"
     dim = 8192
+    dtype = "float32"       # the stored features: "bfloat16" halves the store and the walk's reads
 
     [select]
     methods = ["g2is", "g2is-robust", "less", "random"]
@@ -63,6 +67,7 @@ from g2is_jax.vocab import METHOD_NAMES, POOL_SETTINGS
 # representation features) plus "full" (fine-tune on the whole pool, a reference point).
 METHODS = (*(m for m in METHOD_NAMES if m != "rds"), "full")
 CHECKPOINT_CHOICES = ("last", "all")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +154,7 @@ class FeaturesConfig:
     seed: int = 0
     batch_size: int = 8
     checkpoints: str = "last"  # "last" or "all" warmup epochs
+    dtype: str = "float32"  # the stored rows ("float32" or "bfloat16"), not the compute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +198,7 @@ class EvalConfig:
 class RunConfig:
     model: str = "smollm2-135m"
     max_length: int = 128
+    dtype: str = "float32"  # the model's weights and compute, for every stage (one model)
     suite: SuiteConfig | None = None
     data: DataConfig = DataConfig()
     warmup: TrainSection = TrainSection()
@@ -257,6 +264,9 @@ def check_config(cfg: RunConfig) -> None:
                         f"{cfg.features.checkpoints!r}")
     if cfg.max_length < 8:
         raise G2ISError(f"max_length must be ≥ 8, got {cfg.max_length}")
+    for where, value in (("dtype", cfg.dtype), ("features.dtype", cfg.features.dtype)):
+        if value not in DTYPES:
+            raise G2ISError(f"{where} must be one of {', '.join(DTYPES)}, got {value!r}")
     for name in ("dim", "batch_size"):
         if getattr(cfg.features, name) < 1:
             raise G2ISError(f"features.{name} must be ≥ 1")

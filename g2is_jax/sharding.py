@@ -203,11 +203,17 @@ def _from_host(host: Any, shape: tuple[int, ...], sharding: NamedSharding) -> ja
 
 def place(tree: Any, shardings: Any) -> Any:
     """Put a pytree of host or single-device arrays onto `shardings` (a matching pytree, or one
-    sharding for all leaves). Works across processes when every process holds the same values."""
+    sharding for all leaves). Works across processes when every process holds the same values.
+    A leaf already placed so is returned as it is (never copied through the host)."""
     if isinstance(shardings, NamedSharding):
         shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
 
     def one(x, s):
+        if isinstance(x, jax.Array):
+            if x.sharding.is_equivalent_to(s, x.ndim):
+                return x  # already there (a model loaded onto the mesh): no host round trip
+            if x.is_fully_addressable and s.is_fully_addressable:
+                return jax.device_put(x, s)
         host = np.asarray(x)
         return _from_host(host, host.shape, s)
 

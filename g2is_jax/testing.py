@@ -8,7 +8,9 @@ inserts a default system message when the conversation does not start with one.
 
 `tiny_hf_model_dir(path)` writes a tiny random decoder (`tiny_model_config()`: that tokenizer's
 vocabulary, 2 layers, hidden size 32) with that tokenizer as a Hugging Face checkpoint
-directory, which `load_model`, the CLI and transformers all read.
+directory, which `load_model`, the CLI and transformers all read. `write_random_checkpoint`
+writes a checkpoint of any size tensor by tensor (never a model in memory), for loading tests
+at the gigabyte scale.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from g2is_jax.models.config import ModelConfig
 
 __all__ = ["TINY_CHAT_TEMPLATE", "TINY_DEFAULT_SYSTEM", "random_hf_tensors", "tiny_hf_model_dir",
-           "tiny_model_config", "tiny_tokenizer"]
+           "tiny_model_config", "tiny_tokenizer", "write_random_checkpoint"]
 
 TINY_DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -137,3 +139,58 @@ def tiny_hf_model_dir(path: str | Path, *, seed: int = 0, config: ModelConfig | 
 
     cfg = config if config is not None else tiny_model_config()
     return save_hf_checkpoint(init_model(cfg, seed=seed), tiny_tokenizer(), Path(path))
+
+
+def _random_bf16_bits(rng, shape) -> Any:
+    """Random bfloat16 values of magnitude in [2^-7, 2^-5) (weights of a ~0.02-scale init),
+    made from random bits: ~1 GB/s, where drawing normals would take seconds per gigabyte."""
+    import ml_dtypes
+    import numpy as np
+
+    r = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    # sign and 7 mantissa bits random, the exponent 120 or 121 (2^-7 or 2^-6)
+    bits = (r & np.uint16(0x807F)) | ((np.uint16(120) + ((r >> 7) & np.uint16(1))) << 7)
+    return bits.view(ml_dtypes.bfloat16)
+
+
+def write_random_checkpoint(path: str | Path, config: ModelConfig, *, dtype: str = "bfloat16",
+                            shards: int = 1, seed: int = 0) -> Path:
+    """Write a random model with `config` as a Hugging Face checkpoint directory at `path`
+    (config.json, `shards` safetensors files with an index when more than one, `tiny_tokenizer()`
+    files), one shard's tensors in memory at a time. Matrices hold random bfloat16 values of
+    magnitude 2^-7..2^-5 (cast to `dtype`), norm scales 1 + 0.1·N(0, 1). Returns the
+    directory."""
+    import json
+
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from g2is_jax.models.convert import hf_shapes
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=1))
+    tiny_tokenizer().save_pretrained(str(directory))
+    shapes = hf_shapes(config)
+    names = list(shapes)
+    rng = np.random.default_rng(seed)
+    cast = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[dtype]
+    weight_map = {}
+    for s, part in enumerate(np.array_split(np.array(names, dtype=object), shards)):
+        tensors = {}
+        for name in part:
+            if name.endswith("norm.weight"):
+                value = 1.0 + 0.1 * rng.standard_normal(shapes[name])
+            else:
+                value = _random_bf16_bits(rng, shapes[name])
+            tensors[name] = value.astype(cast)
+        fname = "model.safetensors" if shards == 1 else \
+            f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(tensors, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    if shards > 1:
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory

@@ -5,6 +5,7 @@ the working directory in a fresh temporary folder; nothing here loads a model.""
 import errno
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,7 @@ PATCHES = {"read-only": _read_only, "full-disk": _full_disk}
 
 TF = ["--train-features", "t", "--val-features", "v.npy"]
 # (setup, patch, argv, the error must contain)
+LLAMA = str(Path(__file__).resolve().parents[1] / "examples" / "llama-3.1-8b" / "config.json")
 CASES = [
     # suite
     ("file", None, ["suite", "--out", "f"], "is a file, not a directory"),
@@ -152,6 +154,18 @@ CASES = [
                     "representation", "--model", "nope"], "model 'nope' not found"),
     ("none", None, ["grads", "--data", "missing.jsonl", "--out", "g", "--gradient",
                     "representation"], "no such file"),
+    # plan
+    ("none", None, ["plan", "--model", "missing.json", "--batch-size", "8", "--max-length",
+                    "64"], "not found"),
+    ("none", None, ["plan", "--model", LLAMA, "--batch-size", "0", "--max-length", "64",
+                    "--no-compile"], "batch_size must be an integer ≥ 1, got 0 (set by "
+                                     "--batch-size)"),
+    ("none", None, ["plan", "--model", LLAMA, "--batch-size", "8", "--max-length", "64",
+                    "--mesh", "data=2,fsdp=x"], "cannot read mesh"),
+    ("none", None, ["plan", "--model", LLAMA, "--batch-size", "8", "--max-length", "64",
+                    "--device-memory", "-1"], "device_memory must be a positive number"),
+    ("none", None, ["plan", "--model", LLAMA, "--batch-size", "8", "--max-length", "64",
+                    "--lora-targets", "q,x", "--no-compile"], "'x'"),
     # graph
     ("feats", None, ["graph", "--train-features", "t", "--out", "t"], "is a directory"),
     ("rand", None, ["graph", "--train-features", "rand.npy", "--out", "g.npz"],

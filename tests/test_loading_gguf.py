@@ -280,6 +280,32 @@ def test_tokenizer_does_not_dequantize(tiny_gguf, monkeypatch):
         load_model(tiny_gguf[0])
 
 
+def test_gguf_onto_a_mesh_is_loaded_whole_then_placed(tiny_gguf):
+    """GGUF is not streamed (dequantization needs whole tensors): `load_model(mesh=...)` loads
+    it whole and places the base on its FSDP shardings, the adapters replicated."""
+    from flax import nnx
+
+    from g2is_jax import sharding
+    from g2is_jax.models.config import LoraConfig
+    from g2is_jax.models.llama import BASE_FILTER
+
+    mesh = sharding.make_mesh("data=2,fsdp=2")
+    lora = LoraConfig(rank=4)
+    placed, _ = load_model(tiny_gguf[0], mesh=mesh, lora=lora, seed=1)
+    whole, _ = load_model(tiny_gguf[0], lora=lora, seed=1)
+    base = nnx.state(placed, BASE_FILTER)
+    want = sharding.fsdp_shardings(base, mesh)
+    for (path, got), (_, ref), (_, where) in zip(nnx.to_flat_state(base),
+                                                 nnx.to_flat_state(nnx.state(whole, BASE_FILTER)),
+                                                 nnx.to_flat_state(want)):
+        assert got[...].sharding.is_equivalent_to(where.get_value(), got[...].ndim), path
+        np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(ref[...]))
+    a = placed.layers.self_attn.q_proj.lora_a[...]
+    assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 4
+    ref = whole.layers.self_attn.q_proj.lora_a[...]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(ref))
+
+
 def test_directory_with_one_gguf(tiny_gguf):
     path, _ = tiny_gguf
     assert load_config(path.parent) == load_config(path)

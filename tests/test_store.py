@@ -174,6 +174,33 @@ def test_unchecked_write_stores_rows_bit_for_bit_in_the_order_given(tmp_path):
     assert load_features(tmp_path)[0].tobytes() == rows.tobytes()
 
 
+def test_network_gather_reads_and_writes_bfloat16_shards_bit_for_bit(tmp_path):
+    """The gather path (one process here) reads a bfloat16 shard in its own dtype and writes a
+    bfloat16 store byte-identical to it (a float32 reader would misread every row)."""
+    from g2is_jax import sharding
+    from g2is_jax.featurize import _RowReader
+    from g2is_jax.store import FEATURES, row_dtype
+
+    bf16 = row_dtype("bfloat16")
+    rows = _rows(range(N))
+    with open_store(tmp_path / "shard", _meta(), N, DIM, dtype="bfloat16") as store:
+        store.write(0, rows)
+        store.finalize()
+    reader = _RowReader(tmp_path / "shard" / FEATURES, N, DIM, bf16)
+    with open_store(tmp_path / "out", _meta(), N, DIM, dtype="bfloat16") as out:
+        steps = sharding.gather_rows_to_primary(
+            np.arange(N), reader.read, lambda idx, block: out.write(idx, block,
+                                                                    check_finite=False),
+            dim=DIM, dtype=bf16, chunk_bytes=4 * (8 + 2 * DIM))
+        out.finalize()
+    reader.close()
+    assert steps == -(-N // 4)
+    shard, gathered = (tmp_path / "shard" / FEATURES), (tmp_path / "out" / FEATURES)
+    assert gathered.read_bytes() == shard.read_bytes()
+    with pytest.raises(G2ISError, match="not this run's"):
+        _RowReader(shard, N, DIM)  # read as float32: refused, not misread
+
+
 def test_torn_journal_tail_is_dropped_on_resume(tmp_path):
     with open_store(tmp_path, _meta(), N, DIM) as store:
         store.write(0, _rows(range(4)))

@@ -24,6 +24,7 @@ _COMMANDS = (
     "evaluate",
     "warmup",
     "grads",
+    "plan",
     "graph",
     "select",
     "train",

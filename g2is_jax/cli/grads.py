@@ -42,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="projection seed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the model's weights and compute (bfloat16: float32 softmax, loss, "
+                   "LoRA factors, gradients and projection)")
+    p.add_argument("--feature-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the stored features (bfloat16: half the disk and walk bandwidth)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing (finished or partial) store in --out")
     _scale.add_arguments(p, fsdp=True)
@@ -88,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
             "data": str(data.resolve()) if data.is_file() else str(args.data),
             "data_sha256": file_sha256(data) if data.is_file() else None,
             "checkpoint_lr": None}
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    # Onto the mesh as it loads: a safetensors checkpoint streams each device's block of each
+    # tensor, so the host never holds the whole model (GGUF: loaded whole, then placed).
+    model, tokenizer = load_model(args.model, dtype=args.dtype, mesh=mesh)
     moments = None
     if args.checkpoint:
         from g2is_jax.train import load_checkpoint
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     path = compute_features(model, tokenizer, records, args.out, gradient=args.gradient,
                             projector=projector, moments=moments, batch_size=args.batch_size,
                             max_length=args.max_length, meta=meta, overwrite=args.overwrite,
-                            mesh=mesh, gather=args.gather)
+                            mesh=mesh, gather=args.gather, feature_dtype=args.feature_dtype)
     if jax.process_index() == 0:
         print(json.dumps({"features": str(path), "n": len(records)}))
     return 0

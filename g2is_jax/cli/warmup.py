@@ -35,7 +35,9 @@ def add_train_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-targets", help="comma list of q,k,v,o,gate,up,down")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the model's weights and compute (bfloat16: float32 softmax, loss, "
+                   "LoRA factors and Adam moments)")
 
 
 # Library parameter names in messages -> this command's flags.
@@ -100,6 +102,8 @@ def train_from_args(args: argparse.Namespace):
                 "model_fingerprint": model_fingerprint(args.model),
                 "data": str(data.resolve()) if data.is_file() else str(args.data),
                 "data_sha256": file_sha256(data) if data.is_file() else None}
+    if args.dtype != "float32":  # absent for float32, as in runs made before the option
+        run_info["dtype"] = args.dtype
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     return train_lora(model, tokenizer, records, args.out, cfg, run_info=run_info)
 

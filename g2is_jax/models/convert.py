@@ -76,6 +76,19 @@ def hf_layout(cfg: ModelConfig) -> list[Leaf]:
     return out
 
 
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every transformers tensor of a model with config `cfg` (their [out, in]
+    layout), from the abstract model: no weights are made."""
+    abstract = nnx.eval_shape(lambda: Llama(cfg, None, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, BASE_FILTER)
+    out = {}
+    for leaf in hf_layout(cfg):
+        shape = tuple(_get(state, leaf.path).shape)
+        one = shape[1:] if leaf.stacked else shape
+        out.update(dict.fromkeys(leaf.names, one[::-1] if leaf.transpose else one))
+    return out
+
+
 def _get(state: nnx.State, path: tuple):
     node = state
     for key in path:
@@ -94,6 +107,23 @@ def _layer_count(names) -> int:
     return max(found) + 1 if found else 0
 
 
+def _equal(tensors: Mapping[str, np.ndarray], a: str, b: str) -> bool:
+    """Whether tensors `a` and `b` are equal; read in blocks of rows when `tensors` can read
+    blocks (`loading.SafetensorsTensors`), so two embedding-sized tensors are never whole in
+    host memory."""
+    if not (hasattr(tensors, "read") and hasattr(tensors, "shape")):
+        return np.array_equal(np.asarray(tensors[a]), np.asarray(tensors[b]))
+    shape = tensors.shape(a)
+    if shape != tensors.shape(b):
+        return False
+    rows = max(1, (1 << 24) // max(1, int(np.prod(shape[1:]))))  # ~16M elements per block
+    for start in range(0, shape[0] if shape else 1, rows):
+        index = (slice(start, min(start + rows, shape[0])),) if shape else ()
+        if not np.array_equal(tensors.read(a, index), tensors.read(b, index)):
+            return False
+    return True
+
+
 def check_tensor_names(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *,
                        source: str = "") -> None:
     """G2ISError unless `tensors` holds exactly the tensors a model with config `cfg` uses.
@@ -108,9 +138,8 @@ def check_tensor_names(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *,
     missing = [n for n in wanted if n not in tensors]
     unused = sorted(n for n in tensors if n not in known and not _IGNORED.match(n))
     if cfg.tie_word_embeddings and "lm_head.weight" in unused and \
-            "model.embed_tokens.weight" in tensors and np.array_equal(
-                np.asarray(tensors["lm_head.weight"]),
-                np.asarray(tensors["model.embed_tokens.weight"])):
+            "model.embed_tokens.weight" in tensors and \
+            _equal(tensors, "lm_head.weight", "model.embed_tokens.weight"):
         unused.remove("lm_head.weight")
     if not missing and not unused:
         return

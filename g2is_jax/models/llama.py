@@ -367,7 +367,10 @@ class Llama(nnx.Module):
             out = jnp.einsum("blh,vh->blv", hidden, self.embed_tokens.embedding[...],
                              preferred_element_type=jnp.float32)
         else:
-            out = (hidden @ self.lm_head.kernel[...]).astype(jnp.float32)
+            # float32 out of the dot (not a bfloat16 product cast afterwards: logits of 10-30
+            # would be rounded by ~0.1 before the log-softmax)
+            out = jnp.matmul(hidden, self.lm_head.kernel[...],
+                             preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         return out if cap is None else jnp.tanh(out / cap) * cap
 

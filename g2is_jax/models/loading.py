@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerFast
 
 from g2is_jax.errors import G2ISError
@@ -164,7 +165,10 @@ def read_json_object(path: Path) -> dict:
 
 
 def _hf_config(directory: Path) -> ModelConfig:
-    path = directory / "config.json"
+    return _config_file(directory / "config.json")
+
+
+def _config_file(path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_hf(read_json_object(path))
     except G2ISError as err:
@@ -224,6 +228,24 @@ class SafetensorsTensors(Mapping[str, np.ndarray]):
             raise G2ISError(f"{f}: cannot read tensor {name!r} ({err}); the file is corrupt or "
                             f"uses an unsupported dtype") from err
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor `name`, from the file header (no data read)."""
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` of tensor `name`, read through a handle opened for this read only:
+        its memory map, and with it the pages the read touched, is released on return (the
+        handles `__getitem__` keeps map every page they ever read until the loader is done)."""
+        from safetensors import SafetensorError, safe_open
+
+        f = self._where[name]
+        try:
+            with safe_open(str(f), framework="np") as handle:
+                return np.asarray(handle.get_slice(name)[index])
+        except (SafetensorError, OSError, TypeError, ValueError) as err:
+            raise G2ISError(f"{f}: cannot read tensor {name!r} ({err}); the file is corrupt or "
+                            f"uses an unsupported dtype") from err
+
     def __contains__(self, name: object) -> bool:
         # Mapping's default would read the tensor to answer.
         return name in self._where
@@ -280,7 +302,11 @@ def _config(src: Source) -> ModelConfig:
 
 
 def load_config(spec: str | Path) -> ModelConfig:
-    """The `ModelConfig` of the checkpoint `spec` names (no weights read)."""
+    """The `ModelConfig` of the checkpoint `spec` names, or of a transformers config file
+    (any ``*.json``) alone; no weights read."""
+    path = Path(str(spec)).expanduser()
+    if path.is_file() and path.suffix.lower() == ".json":
+        return _config_file(path)
     return _config(resolve_spec(spec, weights=False))
 
 
@@ -291,11 +317,16 @@ def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
 
 
 def load_model(spec: str | Path, *, lora: LoraConfig | None = None, dtype: str = "float32",
-               seed: int = 0) -> tuple[Llama, PreTrainedTokenizerFast]:
+               seed: int = 0, mesh: Mesh | None = None) -> tuple[Llama, PreTrainedTokenizerFast]:
     """(model, tokenizer) for a named model, a .gguf file, a checkpoint directory or hub name.
 
     With `lora`, the model carries fresh adapters (A random from `seed`, B = 0), so it computes
-    exactly what the base checkpoint does until trained.
+    exactly what the base checkpoint does until trained. With `mesh`
+    (`g2is_jax.sharding.make_mesh`) the base weights come back placed on it as
+    `sharding.fsdp_shardings` says and the adapters replicated: a safetensors checkpoint is
+    streamed, each device reading only its block of each tensor (`streaming.load_sharded`), so
+    the host never holds the model; a GGUF file is loaded whole, then placed (dequantization
+    needs whole tensors).
     """
     start = time.perf_counter()
     src = resolve_spec(spec)
@@ -311,10 +342,30 @@ def load_model(spec: str | Path, *, lora: LoraConfig | None = None, dtype: str =
     if len(tokenizer) > cfg.vocab_size:
         raise G2ISError(f"{src.path}: the tokenizer has {len(tokenizer)} tokens but the model's "
                         f"vocabulary only {cfg.vocab_size}; tokenizer and weights do not match")
-    model = build_model(cfg, lora, dtype=dtype, seed=seed)
-    load_hf_tensors(model, tensors, source=str(src.path))
+    if mesh is not None and isinstance(tensors, SafetensorsTensors):
+        from g2is_jax.models.streaming import load_sharded
+
+        model = load_sharded(cfg, tensors, mesh, lora=lora, dtype=dtype, seed=seed,
+                             source=str(src.path))
+    else:
+        model = build_model(cfg, lora, dtype=dtype, seed=seed)
+        load_hf_tensors(model, tensors, source=str(src.path))
+        if mesh is not None:
+            _place_on(model, mesh)
     log.info("loaded %s (%s) in %.1fs", src.path, src.kind, time.perf_counter() - start)
     return model, tokenizer
+
+
+def _place_on(model: Llama, mesh: Mesh) -> None:
+    """Put a loaded model's base weights on `mesh` (fsdp shardings), adapters replicated."""
+    from flax import nnx
+
+    from g2is_jax import sharding
+    from g2is_jax.models.llama import BASE_FILTER
+
+    base, adapters = nnx.state(model, BASE_FILTER), nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, sharding.place(base, sharding.fsdp_shardings(base, mesh)),
+               sharding.place(adapters, sharding.replicated(mesh)))
 
 
 def save_hf_checkpoint(model: Llama, tokenizer: PreTrainedTokenizerFast,
