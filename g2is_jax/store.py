@@ -396,7 +396,9 @@ def _full_meta(meta: dict[str, Any], n: int, dim: int, dtype: str = "float32"
     for key, value in own.items():
         if key in full and full[key] != value:
             raise G2ISError(f"meta[{key!r}] = {full[key]!r} contradicts the store's {value!r}")
-        full[key] = value
+        full.pop(key, None)
+    full.update(own)  # the store's keys last, in one order: meta.json's bytes do not depend on
+    # whether the caller's meta already named them (one-process write vs shard merge vs gather)
     ids = full.get("record_ids")
     if ids is not None and (not isinstance(ids, list) or len(ids) != n):
         got = len(ids) if isinstance(ids, list) else type(ids).__name__

@@ -145,14 +145,18 @@ def test_place_returns_arrays_already_in_place():
 BIG = ModelConfig(vocab_size=32768, hidden_size=4096, intermediate_size=8192, num_layers=2,
                   num_heads=32, num_kv_heads=8, eos_token_id=2)
 
-# Run in a fresh process with 8 simulated devices. Host memory is measured as the growth of
-# the peak resident set (ru_maxrss) over the resident set before the load (after JAX's backend
-# and the tokenizer's modules are up). On CPU the devices' buffers ARE host memory, so the
-# weights placed on them (counted once per distinct buffer) are subtracted: what remains is
-# what the loader itself held on the host at its peak.
+# Run in a fresh process with 8 simulated devices. Host memory is sampled every millisecond
+# from /proc/self/status while `load_model` runs, and only then (a peak earlier in the process,
+# e.g. while JAX's backend or the tokenizer came up, is not the loader's): the growth of the
+# anonymous resident set (RssAnon: every copy the loader makes, and on CPU the devices' buffers)
+# and, for the record, of the whole resident set (VmRSS: also the file pages mapped while they
+# are read, which the OS can drop). On CPU the devices' buffers ARE host memory, so the weights
+# placed on them (counted once per distinct buffer) are subtracted: what remains is what the
+# loader itself held on the host at its peak. (A first version measured ru_maxrss over the
+# process's life; a CI machine reported 286% for streaming where this machine measured 10%.)
 MEASURE = r"""
-import ctypes, hashlib, json, resource, sys
-import jax, jax.numpy as jnp, numpy as np, psutil
+import ctypes, hashlib, json, sys, threading, time
+import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from g2is_jax import sharding
 from g2is_jax.models.llama import BASE_FILTER
@@ -162,9 +166,26 @@ mode, directory, out = sys.argv[1:4]
 mesh = sharding.make_mesh("fsdp=8")
 jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(8)))  # backends up before measuring
 load_tokenizer(directory)  # and transformers' modules imported: not weight memory
-before = psutil.Process().memory_info().rss
+def status():
+    with open("/proc/self/status") as f:
+        kb = dict(line.split(":", 1) for line in f)
+    return {k: int(kb[k].split()[0]) * 1024 for k in ("RssAnon", "VmRSS")}
+before = status()
+peak = dict(before)
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        now = status()
+        for k in peak:
+            peak[k] = max(peak[k], now[k])
+        time.sleep(0.001)
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 model, _ = load_model(directory, dtype="bfloat16", mesh=mesh if mode == "stream" else None)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+done.set()
+sampler.join()
+now = status()  # what is still held when the load returns counts too
+growth = {k: max(peak[k], now[k]) - before[k] for k in peak}
 base = nnx.state(model, BASE_FILTER)
 leaves = [v[...] for _, v in nnx.to_flat_state(base)]
 weights = sum(x.nbytes for x in leaves)
@@ -194,7 +215,8 @@ state = nnx.from_flat_state([(p, v.replace(gathered[p])) for p, v in nnx.to_flat
 ids = jnp.asarray([[5, 17, 300, 2, 41, 99]], jnp.int32)
 logits = jax.jit(lambda s, r, x: nnx.merge(graphdef, s, r)(x))(state, rest, ids)
 np.save(out, np.asarray(logits))
-print(json.dumps({"growth": peak - before, "device": sum(buffers.values()), "weights": weights,
+print(json.dumps({"growth": growth["RssAnon"], "growth_rss": growth["VmRSS"],
+                  "device": sum(buffers.values()), "weights": weights,
                   "digests": digests}))
 """
 
@@ -217,9 +239,12 @@ def test_a_1gb_checkpoint_streams_onto_8_devices_in_bounded_host_memory(tmp_path
         assert weights >= 1e9 and whole["weights"] == weights
         extra = (stream["growth"] - stream["device"]) / weights
         whole_extra = (whole["growth"] - whole["device"]) / weights
-        print(f"host memory beyond the placed weights, as a share of {weights / 1e9:.3f} GB: "
-              f"streamed {extra:.1%}, whole-model load {whole_extra:.1%}")
-        assert extra < 0.40, f"streaming held {extra:.1%} of the weight bytes on the host"
+        rss = [(m["growth_rss"] - m["device"]) / weights for m in (stream, whole)]
+        line = (f"host memory beyond the placed weights, as a share of {weights / 1e9:.3f} GB: "
+                f"streamed {extra:.1%}, whole-model load {whole_extra:.1%} (anonymous memory); "
+                f"with mapped file pages {rss[0]:.1%} and {rss[1]:.1%}")
+        print(line)
+        assert extra < 0.40, f"streaming held too much on the host: {line}"
         assert whole_extra > 0.40, "the measurement does not see the whole-model load's copy"
         assert stream["digests"] == whole["digests"]  # every leaf, byte for byte
         np.testing.assert_array_equal(np.load(tmp_path / "stream.npy"),

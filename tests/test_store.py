@@ -62,6 +62,21 @@ def test_round_trip_and_file_layout(tmp_path):
     assert load_features(tmp_path, mmap=True)[0][3, 2] == _expected()[3, 2]
 
 
+def test_meta_json_bytes_do_not_depend_on_where_the_store_keys_were_given(tmp_path):
+    # One process passes meta with "dtype" already in it, the shard merge and the network gather
+    # pass meta without: every path must write the same meta.json (CI caught a reordering).
+    paths = []
+    for i, meta in enumerate([_meta(), {"dtype": "float32", **_meta()},
+                              {**_meta(), "n": N, "store_format": 1}]):
+        store = open_store(tmp_path / str(i), meta, N, DIM)
+        store.write(0, _rows(range(N)))
+        store.finalize()
+        paths.append(tmp_path / str(i) / "meta.json")
+    first = paths[0].read_bytes()
+    assert all(p.read_bytes() == first for p in paths[1:])
+    assert list(json.loads(first))[-4:] == ["n", "dim", "dtype", "store_format"]
+
+
 def test_rows_in_any_order_by_index(tmp_path):
     order = np.random.default_rng(0).permutation(N)
     with open_store(tmp_path, _meta(), N, DIM) as store:
