@@ -283,21 +283,57 @@ def test_features_and_walk_on_8_devices_fsdp(setup):
 # ----------------------------------------------------------------------------- 2 processes
 
 
+# One pair of processes (each its own working directory, so they share no output folder) runs,
+# with 2 devices each, on loopback: today's shard merge into one --out folder, `g2is select` on
+# it, the network gather into a relative --out, and a gather that fails in process 1. (Two tests
+# used to start a pair each and both ran the shard merge: one pair saves ~20 s of CI time.)
 TWO = """
-import sys
+import json, sys
+import numpy as np
+from jax.experimental import multihost_utils
+from g2is_jax import sharding
 from g2is_jax.cli import main
-port, pid, sep = sys.argv[1], sys.argv[2], sys.argv.index("--then")
+from g2is_jax.errors import G2ISError
+port, pid, merged, report, chunk = sys.argv[1:6]
+sep = sys.argv.index("--then")
+common, select = sys.argv[6:sep], sys.argv[sep + 1:]
 join = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid]
-assert main([*sys.argv[3:sep], *join]) == 0
-assert main([*sys.argv[sep + 1:], *join]) == 0
+sent = []  # bytes each process contributes to each collective
+allgather = multihost_utils.process_allgather
+def recording(tree, tiled=False):
+    sent.append(int(np.asarray(tree).nbytes))
+    return allgather(tree, tiled)
+multihost_utils.process_allgather = recording
+sharding.GATHER_CHUNK_BYTES = int(chunk)
+assert main(["grads", *common, "--out", merged, *join]) == 0
+assert main([*select, *join]) == 0
+sent.clear()
+assert main(["grads", *common, "--out", "net", "--gather", "network", *join]) == 0
+net_sent = list(sent)
+def read(lo, hi):  # process 1 cannot read its rows: both processes must raise, none wait
+    if pid == "1":
+        raise OSError("disk gone")
+    return np.zeros((hi - lo, 4), np.float32)
+try:
+    sharding.gather_rows_to_primary(np.arange(3) + 3 * int(pid), read, lambda i, r: None, dim=4)
+    outcome = "returned"
+except G2ISError as e:
+    outcome = str(e)
+json.dump({"sent": net_sent, "outcome": outcome}, open(report, "w"))
 """
 
 
 @pytest.mark.slow
 def test_two_processes_write_what_one_process_writes(setup, monkeypatch):
-    """`g2is grads`, then `g2is select`, in each of 2 processes × 2 devices (jax.distributed,
-    gloo on loopback), against the 4-device single-process run: features.npy and meta.json
-    byte for byte, and the same selection."""
+    """In 2 processes × 2 devices (jax.distributed, gloo on loopback), against the 4-device
+    single-process run:
+
+    * `g2is grads` into one shared --out (the shard merge), then `g2is select`: features.npy
+      and meta.json byte for byte, and the same selection;
+    * `g2is grads --gather network`, each process in its own working directory with a relative
+      --out (no shared output folder): process 0's features.npy and meta.json are byte-identical
+      to the shard merge and to one process; every gather step stays within the chunk bound;
+    * a failing process makes both raise instead of hanging."""
     root, common = setup["root"], setup["common"]
     single = root / "four"
     if not (single / "features.npy").exists():  # run alone: make the single-process store
@@ -307,14 +343,21 @@ def test_two_processes_write_what_one_process_writes(setup, monkeypatch):
     select = ["select", "--train-features", str(multi), "--val-features", str(root / "val.npy"),
               "--ratio", "0.25", "--delta", "0.5", "--data", str(setup["data"]), "--out",
               str(root / "sel")]
+    chunk = 2200  # rows of 8 + 64 × 4 bytes: 4 per process per step, so several steps
     port = str(_free_port())
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", TWO, port, str(i), "grads", *common, "--out", str(multi),
-         "--then", *select], env=_env(2), cwd=root, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=400) for p in procs]
+    dirs = [root / f"net-p{i}" for i in range(2)]
+    procs = []
+    for i, d in enumerate(dirs):
+        d.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", TWO, port, str(i), str(multi), str(root / f"net-{i}.json"),
+             str(chunk), *common, "--then", *select], env=_env(2), cwd=d,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+
+    # The shard merge and the selection on it.
     for name in ("features.npy", "meta.json"):
         assert (multi / name).read_bytes() == (single / name).read_bytes(), name
     assert not (multi / "shards").exists()
@@ -333,71 +376,10 @@ def test_two_processes_write_what_one_process_writes(setup, monkeypatch):
     assert (root / "sel" / "selected.jsonl").read_bytes() == \
         b"".join(lines[i] for i in want["indices"])
 
-
-NETWORK = """
-import json, sys
-import numpy as np
-from jax.experimental import multihost_utils
-from g2is_jax import sharding
-from g2is_jax.cli import main
-from g2is_jax.errors import G2ISError
-port, pid, merged, report = sys.argv[1:5]
-common = sys.argv[5:]
-join = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid]
-sent = []  # bytes each process contributes to each collective
-allgather = multihost_utils.process_allgather
-def recording(tree, tiled=False):
-    sent.append(int(np.asarray(tree).nbytes))
-    return allgather(tree, tiled)
-multihost_utils.process_allgather = recording
-sharding.GATHER_CHUNK_BYTES = int(sys.argv[-1]); common = common[:-1]
-# Today's shard merge (one --out folder for both processes), then the network gather into a
-# relative --out: each process runs in its own folder, so they share no output directory.
-assert main(["grads", *common, "--out", merged, *join]) == 0
-sent.clear()
-assert main(["grads", *common, "--out", "net", "--gather", "network", *join]) == 0
-net_sent = list(sent)
-def read(lo, hi):  # process 1 cannot read its rows: both processes must raise, none wait
-    if pid == "1":
-        raise OSError("disk gone")
-    return np.zeros((hi - lo, 4), np.float32)
-try:
-    sharding.gather_rows_to_primary(np.arange(3) + 3 * int(pid), read, lambda i, r: None, dim=4)
-    outcome = "returned"
-except G2ISError as e:
-    outcome = str(e)
-json.dump({"sent": net_sent, "outcome": outcome}, open(report, "w"))
-"""
-
-
-@pytest.mark.slow
-def test_network_gather_writes_what_the_shard_merge_writes(setup, monkeypatch):
-    """`g2is grads --gather network` in 2 processes × 2 devices on loopback, each process in its
-    own working directory with a relative --out (no shared output folder): process 0's
-    features.npy and meta.json are byte-identical to today's shard merge of the same run and to
-    one process; every gather step stays within the chunk bound; a failing process makes both
-    raise instead of hanging."""
-    root, common = setup["root"], setup["common"]
-    single = root / "four"
-    if not (single / "features.npy").exists():
-        monkeypatch.setattr(cli, "_COMMANDS", ("grads", "select"))
-        assert cli.main(["grads", *common, "--out", str(single)]) == 0
-    chunk = 2200  # rows of 8 + 64 × 4 bytes: 4 per process per step, so several steps
-    port = str(_free_port())
-    dirs = [root / f"net-p{i}" for i in range(2)]
-    procs = []
-    for i, d in enumerate(dirs):
-        d.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", NETWORK, port, str(i), str(root / "merged"),
-             str(root / f"net-{i}.json"), *common, str(chunk)], env=_env(2), cwd=d,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    net, merged = dirs[0] / "net", root / "merged"
+    # The network gather.
+    net = dirs[0] / "net"
     for name in ("features.npy", "meta.json"):
-        assert (net / name).read_bytes() == (merged / name).read_bytes(), name
+        assert (net / name).read_bytes() == (multi / name).read_bytes(), name
         assert (net / name).read_bytes() == (single / name).read_bytes(), name
     assert not (dirs[1] / "net" / "features.npy").exists()
     assert not (net / "shards").exists() and not (dirs[1] / "net" / "shards").exists()
