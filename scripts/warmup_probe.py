@@ -4,12 +4,15 @@ Run after a `g2is run` (or the experiment script) has trained its warm-up:
 
     python scripts/warmup_probe.py --run runs/eval [--sample 256] [--out runs/eval/probe.json]
 
-For every warm-up epoch checkpoint in RUN/warmup/checkpoints, computes the Adam features of a
-seeded sample of the pool (RUN's config: model, max length, projection) and prints the pool
-diagnostics (`g2is_jax.select.pool_diagnostics`): the fraction of negative-cosine pairs among the
+For every warm-up epoch checkpoint in RUN/warmup/checkpoints, computes the Adam features (and,
+with `--gradients adam,sgd`, the plain gradients) of a seeded sample of the pool (RUN's config:
+model, max length, projection) and prints the pool diagnostics (`g2is_jax.select.pool_diagnostics`): the fraction of negative-cosine pairs among the
 sample's pairs and the share of feature energy on the mean pool direction. The optimizer steps
 of each checkpoint come from its metadata. G2IS's no-conflict rule needs the first to be well
-above zero; after a very short warm-up it is ~0 (see the README).
+above zero; after a very short warm-up it is ~0 (see the README). Comparing Adam with SGD
+features of the same rows tells whether a shared direction comes from the gradients themselves
+or from the optimizer's first moment, which LESS's Adam feature m' / sqrt(v') carries with
+weight b1 = 0.9 in every row.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="a g2is run directory")
     ap.add_argument("--sample", type=int, default=256, help="pool records to featurize")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradients", default="adam", help="comma list of adam, sgd")
+    ap.add_argument("--last", action="store_true", help="only the last warm-up checkpoint")
     ap.add_argument("--out", type=Path, help="write the table as JSON here too")
     args = ap.parse_args(argv)
 
@@ -51,25 +56,33 @@ def main(argv=None) -> int:
     projector = Projector(kind=fc.projection, dim=fc.dim, seed=fc.seed)
     ckpts = sorted((p for p in (args.run / "warmup" / "checkpoints").iterdir() if p.is_dir()),
                    key=lambda p: int(p.name))
+    if args.last:
+        ckpts = ckpts[-1:]
     table = []
-    print("| warm-up epoch | optimizer steps | pool pairs with cos < 0 | energy on the mean "
-          "direction | median pair cosine |")
-    print("|---:|---:|---:|---:|---:|")
+    kinds = [k.strip() for k in args.gradients.split(",") if k.strip()]
+    bad = sorted(set(kinds) - {"adam", "sgd"})
+    if bad or not kinds:
+        ap.error(f"--gradients takes adam and/or sgd, got {args.gradients!r}")
+    print("| warm-up epoch | optimizer steps | features | pool pairs with cos < 0 | energy on the "
+          "mean direction | median pair cosine |")
+    print("|---:|---:|---|---:|---:|---:|")
     for ckpt in ckpts:
         tuned, moments, meta = load_checkpoint(model, ckpt)
-        with tempfile.TemporaryDirectory() as d:
-            path = compute_features(tuned, tok, sample, d, gradient="adam", projector=projector,
-                                    moments=moments, batch_size=fc.batch_size,
-                                    max_length=cfg.max_length, progress=False)
-            feats = np.load(Path(path) / "features.npy") if Path(path).is_dir() else np.load(
-                path)
-        diag = pool_diagnostics(feats, sample=len(sample), seed=args.seed)
         steps = meta.get("step") or meta.get("updates") or meta.get("optimizer_steps")
-        row = {"epoch": int(ckpt.name), "steps": steps, **diag}
-        table.append(row)
-        print(f"| {row['epoch']} | {steps if steps is not None else '–'} | "
-              f"{diag['negative_pair_fraction']:.2%} | {diag['mean_direction_energy']:.0%} | "
-              f"{diag['median_pair_cosine']:.3f} |", flush=True)
+        for kind in kinds:
+            with tempfile.TemporaryDirectory() as d:
+                path = compute_features(tuned, tok, sample, d, gradient=kind, projector=projector,
+                                        moments=moments if kind == "adam" else None,
+                                        batch_size=fc.batch_size, max_length=cfg.max_length,
+                                        progress=False)
+                feats = np.load(Path(path) / "features.npy") if Path(path).is_dir() else \
+                    np.load(path)
+            diag = pool_diagnostics(feats, sample=len(sample), seed=args.seed)
+            row = {"epoch": int(ckpt.name), "steps": steps, "gradient": kind, **diag}
+            table.append(row)
+            print(f"| {row['epoch']} | {steps if steps is not None else '–'} | {kind} | "
+                  f"{diag['negative_pair_fraction']:.2%} | {diag['mean_direction_energy']:.0%} | "
+                  f"{diag['median_pair_cosine']:.3f} |", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"run": str(args.run), "sample": len(sample),
                                         "rows": table}, indent=1) + "\n")

@@ -63,6 +63,42 @@ def test_select_writes_selection_and_subset(run, method, t, v):
     assert (out / "selected.jsonl").read_text() == "".join(lines[i] for i in idx)
 
 
+def test_sign_rules_on_model_features(run):
+    """On gradient features of a (tiny) model: `g2is select --pca-sign` v-based and u-based both
+    run and equal the library's selection under that rule; selection.json records the rule and
+    the V normalisation; the sign-free methods write identical indices under both rules."""
+    from g2is_jax import g2is_select
+
+    root, data, _, _, feats = run
+    from g2is_jax.select import core_knowledge
+
+    t = np.load(feats["pool"] / "features.npy")
+    v = np.load(feats["dev"] / "features.npy")
+    kv, ku = (core_knowledge(v / np.linalg.norm(v, axis=1, keepdims=True), pca_sign=r)
+              for r in ("v-based", "u-based"))
+    flipped = (kv.components * ku.components).sum(axis=1) < 0
+    print("components the two rules orient oppositely:", flipped.tolist())
+    assert flipped.any()  # else this data could not tell a sign-free method from g2is
+    got = {}
+    for method in ("g2is", "g2is-robust", "g2is-abs"):
+        for rule in ("v-based", "u-based"):
+            out = root / f"sign_{method}_{rule}"
+            assert main(["select", "--train-features", str(feats["pool"]), "--val-features",
+                         str(feats["dev"]), "--method", method, "--ratio", "0.25",
+                         "--pca-sign", rule, "--val-normalize", "unit", "--out", str(out)]) == 0
+            sel = json.loads((out / "selection.json").read_text())
+            assert sel["conventions"]["pca_sign"] == rule
+            assert sel["conventions"]["val_normalize"] == "unit"
+            assert len(sel["indices"]) == 10 and len(set(sel["indices"])) == 10
+            got[method, rule] = sel["indices"]
+        if method == "g2is":
+            for rule in ("v-based", "u-based"):
+                want = g2is_select(t, v, ratio=0.25, pca_sign=rule).indices.tolist()
+                assert got[method, rule] == want
+        else:
+            assert got[method, "v-based"] == got[method, "u-based"]
+
+
 def test_evaluate_with_the_warmup_adapter(run, capsys):
     root, data, model_dir, ckpt, _ = run
     out = root / "eval.jsonl"
