@@ -214,10 +214,25 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     return _Pipeline(cfg, root, progress=progress, echo=echo).run()
 
 
+def report_finished(cfg: RunConfig, out: str | Path, report_to: str | Path, *,
+                    echo: bool = False) -> dict[str, Any]:
+    """The report of `cfg` from the finished stages in `out`, written to `report_to` (md, JSON,
+    plots); nothing in `out` is written, and a stage that is missing, unfinished or made from
+    other inputs is a G2ISError. For a subset of a run (fewer targets, pool settings, methods
+    or seeds: every stage keeps its fingerprint) or a run that was stopped part way."""
+    root = Path(out)
+    if not (root / "run_config.json").is_file():
+        raise G2ISError(f"{root} is not a g2is run folder (no run_config.json)")
+    return _Pipeline(cfg, root, progress=False, echo=echo, read_only=True,
+                     report_to=Path(report_to)).run()
+
+
 class _Pipeline:
     def __init__(self, cfg: RunConfig, root: Path, *, progress: bool, echo: bool,
-                 read_only: bool = False):
+                 read_only: bool = False, report_to: Path | None = None):
         self.cfg, self.root, self.progress, self.echo = cfg, root, progress, echo
+        self.read_only = read_only
+        self.report_to = report_to or (None if read_only else root)
         self.runner = Runner(root, echo=echo, read_only=read_only)
         self.features = _Features()
         self._model: Any = None
@@ -300,6 +315,12 @@ class _Pipeline:
                 raise G2ISError(f"data file {p} ({key}) does not exist")
         self.paths = paths
         self.hashes = {k: _sha(p) for k, p in paths.items()}
+        # A fine-tune's fingerprint names the target's own training file in both pool settings,
+        # hashed whether or not this run uses it: a general-pool fine-tune must not be
+        # recomputed because "with-target" was added to or dropped from `pools`.
+        self.own_hashes = {
+            self._role("train", t): self.hashes.get(self._role("train", t)) or _sha(Path(t.train))
+            for t in self.targets if t.train and Path(t.train).is_file()}
         self.records = {k: load_records(p) for k, p in paths.items()}
         for k, recs in self.records.items():
             if not recs:
@@ -375,7 +396,7 @@ class _Pipeline:
         if not self.cfg.targets:
             return [Scope("", "general", "", self.targets[0].domain)]
         return [Scope(t.name, pool, f"{t.name}/{pool}/", t.label)
-                for t in self.targets for pool in self.cfg.select.pools]
+                for pool in self.cfg.select.pools for t in self.targets]
 
     def plans(self) -> list[tuple[str, float, int]]:
         sc = self.cfg.select
@@ -520,7 +541,7 @@ class _Pipeline:
         subset = [pool[i] for i in indices]
         ft_cfg = cfg.finetune.train_config(cfg.max_length, seed=seed, fraction=1.0)
         pool_id = {"pool": self.hashes["pool"], "setting": scope.pool,
-                   "own": self.hashes.get(self._role("train", self._target(scope)))}
+                   "own": self.own_hashes.get(self._role("train", self._target(scope)))}
         ft_inputs = {**self.model_inputs,
                      "subset": fingerprint({**pool_id, "indices": indices}),
                      "train": ft_cfg.to_json()}
@@ -567,16 +588,19 @@ class _Pipeline:
                 walk_features[scope.prefix] = np.asarray(
                     walk_inputs(self.selection_inputs(scope))[0])
         sizes = {k: len(v) for k, v in self.records.items()}
+        if self.report_to is None:
+            raise ValueError("a read-only pipeline writes its report elsewhere: pass report_to")
+        self.report_to.mkdir(parents=True, exist_ok=True)
         report = write_report(
-            self.root, cfg=self.cfg, results=results, selections=selections,
+            self.report_to, cfg=self.cfg, results=results, selections=selections,
             pools={s.prefix: self.pool_records(s) for s in scopes},
             scopes=scopes, sizes=sizes,
             stages=[{"name": s.name, "cached": s.cached, "seconds": round(s.seconds, 2)}
                     for s in self.runner.stages],
             machine=machine_info(), pool_features=walk_features,
-            seconds=round(time.perf_counter() - self.t_start, 1))
+            seconds=round(time.perf_counter() - self.t_start, 1), run_dir=self.root)
         if self.echo:
-            print(f"[g2is run] report: {self.root / 'report.md'}", flush=True)
+            print(f"[g2is run] report: {self.report_to / 'report.md'}", flush=True)
         return report
 
 
@@ -599,5 +623,5 @@ def _check_run_dir(root: Path, cfg: RunConfig) -> None:
     _write_json(path, doc)
 
 
-__all__ = ["Runner", "Scope", "fingerprint", "finetune_key", "machine_info", "run_label",
-           "run_pipeline", "selection_label"]
+__all__ = ["Runner", "Scope", "fingerprint", "finetune_key", "machine_info", "report_finished",
+           "run_label", "run_pipeline", "selection_label"]

@@ -122,8 +122,9 @@ def write_report(root: Path, *, cfg, results: list[dict[str, Any]],
                  pools: Mapping[str, Sequence[Record]], scopes: Sequence[Any],
                  sizes: Mapping[str, int], stages: list[dict[str, Any]],
                  machine: Mapping[str, Any], pool_features: Mapping[str, np.ndarray],
-                 seconds: float) -> dict[str, Any]:
-    """Write RUN/report.json, RUN/report.md and RUN/plots/*.png; return the report dict.
+                 seconds: float, run_dir: Path | None = None) -> dict[str, Any]:
+    """Write ROOT/report.json, ROOT/report.md and ROOT/plots/*.png; return the report dict.
+    The results' evaluation files are read from `run_dir` (default: ROOT, the run's folder).
 
     `selections` maps a selection's name (scope prefix + label) to {"result": SelectionResult,
     "doc": its selection.json}; `pools` and `pool_features` are keyed by scope prefix.
@@ -172,7 +173,7 @@ def write_report(root: Path, *, cfg, results: list[dict[str, Any]],
         "sizes": dict(sizes),
         "results": results,
         "summary": summarize(results),
-        "comparisons": comparisons(root, results),
+        "comparisons": comparisons(run_dir or root, results),
         "selection_quality": quality,
         "diagnostics": diagnostics,
         "conventions": {name: sel["result"].conventions for name, sel in selections.items()},

@@ -26,7 +26,9 @@ seeds, test loss and exact match, paired differences with bootstrap intervals an
 target.
 
 Without the data folder the script says so and exits 0 (nothing to run on a fresh machine).
-`--quick` runs a tiny version (minutes) to check the plumbing.
+`--quick` runs a tiny version (minutes) to check the plumbing. `--report-only DIR` computes
+nothing and writes the report of OUT's finished stages (for the targets, pools, methods and seeds
+given) to DIR: the finished part of a stopped run, or a subset of a finished one.
 """
 
 from __future__ import annotations
@@ -193,6 +195,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the data split and pool")
     ap.add_argument("--quick", action="store_true",
                     help="a tiny version to check the plumbing (not a result)")
+    ap.add_argument("--report-only", type=Path, metavar="DIR",
+                    help="compute nothing: write the report of the finished stages of OUT for "
+                    "these targets, pools, methods and seeds to DIR (a stopped run's finished "
+                    "part, or a subset); a stage that is not finished is an error")
+    ap.add_argument("--report-targets", metavar="NAMES",
+                    help="with --report-only: only these targets (comma-separated names, e.g. "
+                    "gsm8k,snarks); the data files are still built from --targets")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="any `g2is run` config override (repeat)")
     args = ap.parse_args(argv)
@@ -235,6 +244,21 @@ def main(argv=None) -> int:
     from g2is_jax.runconfig import apply_overrides
 
     cfg = config_from_mapping(apply_overrides(doc, args.overrides))
+    if args.report_only:
+        from g2is_jax.pipeline import report_finished
+
+        if args.report_targets:
+            import dataclasses
+
+            keep = set(args.report_targets.split(","))
+            unknown = keep - {t.name for t in cfg.targets}
+            if unknown:
+                raise SystemExit(f"--report-targets: no target {sorted(unknown)} in this run")
+            cfg = dataclasses.replace(cfg, targets=tuple(t for t in cfg.targets
+                                                         if t.name in keep))
+        report = report_finished(cfg, args.out, args.report_only)
+        print(format_report(report))
+        return 0
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "experiment.json").write_text(json.dumps(
         {"argv": sys.argv[1:] if argv is None else list(argv), "general_tasks":

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--max-patterns", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pools", help="pool settings to analyse (default: the run's)")
     ap.add_argument("--out", type=Path, help="write the table as JSON here too")
     args = ap.parse_args(argv)
 
@@ -40,7 +41,10 @@ def main(argv=None) -> int:
     from g2is_jax.select.plan import g2is_select
     from g2is_jax.select.walk import gradient_walk
 
-    cfg = config_from_mapping(json.loads((args.run / "run_config.json").read_text()))
+    doc = json.loads((args.run / "run_config.json").read_text())
+    if args.pools:
+        doc["select"]["pools"] = args.pools.split(",")
+    cfg = config_from_mapping(doc)
     # Read only: a stage that is not finished with these inputs is an error, nothing is touched.
     pipe = _Pipeline(cfg, args.run, progress=False, echo=False, read_only=True)
     pipe.load_data()

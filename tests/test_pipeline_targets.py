@@ -206,3 +206,33 @@ def test_read_only_runner_reuses_and_never_recomputes(tmp_path):
         ro.stage("b", tmp_path / "b", {"x": 1}, lambda d: calls.append(d))
     assert len(calls) == 1 and (tmp_path / "a" / "stage.json").is_file()
     assert not (tmp_path / "b").exists()
+
+
+def test_dropping_a_pool_setting_reuses_every_stage_of_the_other(run, tmp_path):
+    """A run of the general pool alone, read-only over the two-setting run's folder: every stage
+    it needs is already there (before, the general pool's fine-tunes were fingerprinted with the
+    target's training file only when "with-target" was also asked for, so they recomputed)."""
+    from g2is_jax.pipeline import report_finished
+
+    out, report, _ = run
+    doc = json.loads((out / "run_config.json").read_text())
+    doc["select"]["pools"] = ["general"]
+    before_files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = report_finished(config_from_mapping(doc), out, tmp_path / "general")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before_files
+    assert (tmp_path / "general" / "report.md").is_file()
+    rows = [e for e in again["summary"] if e["method"] != "base"]
+    assert rows and {e["pool"] for e in rows} == {"general"}
+    before = {(e["target"], e["method"]): e["mean_loss"] for e in report["summary"]
+              if e.get("pool") == "general"}
+    assert {(e["target"], e["method"]): e["mean_loss"] for e in rows} == before
+
+
+def test_a_stopped_run_cannot_be_reported_as_finished(run, tmp_path):
+    from g2is_jax.pipeline import report_finished
+
+    out, _, _ = run
+    doc = json.loads((out / "run_config.json").read_text())
+    doc["select"]["seeds"] = [0, 1, 2]  # seed 2 was never run
+    with pytest.raises(G2ISError, match="is missing"):
+        report_finished(config_from_mapping(doc), out, tmp_path / "r")

@@ -202,11 +202,13 @@ def verdict(pool: dict[str, Any] | None,
             lines.append(
                 f"only {neg:.2%} of {pool['pairs_sampled']:,} sampled pool pairs have a "
                 f"negative cosine (threshold {LOW_NEGATIVE_PAIRS:.0%}): the no-conflict rule "
-                "can hardly fire; the warm-up was probably too short")
+                "can hardly fire (a warm-up too short, or, with Adam features, the optimizer's "
+                "first moment shared by every row: scripts/warmup_probe.py --gradients adam,sgd "
+                "tells which)")
         if share > HIGH_SHARED_ENERGY:
             lines.append(
                 f"{share:.0%} of the pool's feature energy lies on one shared direction (the "
-                f"mean pool gradient; threshold {HIGH_SHARED_ENERGY:.0%}): a common term "
+                f"mean pool feature; threshold {HIGH_SHARED_ENERGY:.0%}): a common term "
                 "dominates the features")
     counted = [c for c in per_component if c.conflict_rejected is not None and c.candidates]
     if counted and sum(c.conflict_rejected for c in counted) == 0:
