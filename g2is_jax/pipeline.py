@@ -223,6 +223,9 @@ def report_finished(cfg: RunConfig, out: str | Path, report_to: str | Path, *,
     root = Path(out)
     if not (root / "run_config.json").is_file():
         raise G2ISError(f"{root} is not a g2is run folder (no run_config.json)")
+    if Path(report_to).resolve() == root.resolve():
+        raise G2ISError(f"report_to must be another folder than the run {root}: its own "
+                        "report.md belongs to the run")
     return _Pipeline(cfg, root, progress=False, echo=echo, read_only=True,
                      report_to=Path(report_to)).run()
 
