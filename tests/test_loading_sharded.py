@@ -230,6 +230,7 @@ def _measure(mode: str, directory: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_1gb_checkpoint_streams_onto_8_devices_in_bounded_host_memory(tmp_path):
     directory = write_random_checkpoint(tmp_path / "big", BIG, dtype="bfloat16", shards=2)
     try:

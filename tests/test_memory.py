@@ -99,6 +99,7 @@ def _verdict(text: str, what: str) -> tuple[str, float, float]:
     return m.group(1), float(m.group(2)), float(m.group(3))
 
 
+@pytest.mark.slow
 def test_llama_8b_on_v5e_16_and_one_h100():
     v5e = _plan_cli("--mesh", "data=4,fsdp=4", "--batch-size", "16", "--max-length", "512",
                     "--device", "v5e", devices=16)
