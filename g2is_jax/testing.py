@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from g2is_jax.models.config import ModelConfig
 
 __all__ = ["TINY_CHAT_TEMPLATE", "TINY_DEFAULT_SYSTEM", "random_hf_tensors", "tiny_hf_model_dir",
-           "tiny_model_config", "tiny_tokenizer", "write_random_checkpoint"]
+           "tiny_model_config", "tiny_peft_adapter_dir", "tiny_tokenizer",
+           "write_random_checkpoint"]
 
 TINY_DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -139,6 +140,27 @@ def tiny_hf_model_dir(path: str | Path, *, seed: int = 0, config: ModelConfig | 
 
     cfg = config if config is not None else tiny_model_config()
     return save_hf_checkpoint(init_model(cfg, seed=seed), tiny_tokenizer(), Path(path))
+
+
+def tiny_peft_adapter_dir(path: str | Path, *, seed: int = 0,
+                          config: ModelConfig | None = None) -> Path:
+    """Write a LoRA adapter (r=4, alpha=8, on the default targets) for the model
+    `tiny_hf_model_dir` writes with seed 0, as a PEFT directory at `path`. The factors are
+    N(0, 0.05) from `seed` (not PEFT's zero B), so the adapter changes every gradient."""
+    import jax
+
+    from g2is_jax.models.config import LoraConfig
+    from g2is_jax.models.llama import init_model
+    from g2is_jax.models.lora import merge_lora, split_lora
+    from g2is_jax.models.peft import save_peft_adapter
+
+    cfg = config if config is not None else tiny_model_config()
+    g, base, lora = split_lora(init_model(cfg, LoraConfig(rank=4, alpha=8.0, dropout=0.0), seed=0))
+    leaves, tdef = jax.tree_util.tree_flatten(lora)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    lora = jax.tree_util.tree_unflatten(
+        tdef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return save_peft_adapter(merge_lora(g, base, lora), Path(path))
 
 
 def _random_bf16_bits(rng, shape) -> Any:

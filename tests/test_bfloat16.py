@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -33,22 +32,12 @@ COS_BOUND, LOSS_BOUND = 0.9995, 5e-3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from g2is_jax.data import build_pool, encode_record, write_jsonl
-    from g2is_jax.models.config import LoraConfig
-    from g2is_jax.models.llama import init_model
-    from g2is_jax.models.lora import merge_lora, split_lora
-    from g2is_jax.models.peft import save_peft_adapter
-    from g2is_jax.testing import tiny_hf_model_dir, tiny_model_config, tiny_tokenizer
+    from g2is_jax.testing import tiny_hf_model_dir, tiny_peft_adapter_dir, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("bf16")
     tok = tiny_tokenizer()
     model_dir = tiny_hf_model_dir(root / "model")
-    model = init_model(tiny_model_config(), LoraConfig(rank=4, alpha=8.0, dropout=0.0), seed=0)
-    g, base, lora = split_lora(model)
-    leaves, tdef = jax.tree_util.tree_flatten(lora)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    lora = jax.tree_util.tree_unflatten(
-        tdef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    adapter = save_peft_adapter(merge_lora(g, base, lora), root / "adapter")
+    adapter = tiny_peft_adapter_dir(root / "adapter", seed=0)
     records = [r for r in build_pool(80, seed=0)
                if encode_record(r, tok, max_length=256).input_ids.shape[0] <= 64][:24]
     assert len(records) == 24

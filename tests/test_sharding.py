@@ -144,24 +144,15 @@ def setup(tmp_path_factory):
     """Model dir, adapter, pool and the one-device reference features (library call)."""
     from g2is_jax.data import build_pool, encode_record, write_jsonl
     from g2is_jax.featurize import compute_features
-    from g2is_jax.models.config import LoraConfig
-    from g2is_jax.models.llama import init_model
     from g2is_jax.models.loading import load_model
-    from g2is_jax.models.lora import merge_lora, split_lora
-    from g2is_jax.models.peft import load_peft_adapter, save_peft_adapter
+    from g2is_jax.models.peft import load_peft_adapter
     from g2is_jax.projection import Projector
-    from g2is_jax.testing import tiny_hf_model_dir, tiny_model_config, tiny_tokenizer
+    from g2is_jax.testing import tiny_hf_model_dir, tiny_peft_adapter_dir, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("scale")
     tok = tiny_tokenizer()
     model_dir = tiny_hf_model_dir(root / "model")
-    model = init_model(tiny_model_config(), LoraConfig(rank=4, alpha=8.0, dropout=0.0), seed=0)
-    g, base, lora = split_lora(model)
-    leaves, tdef = jax.tree_util.tree_flatten(lora)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    lora = jax.tree_util.tree_unflatten(
-        tdef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    adapter = save_peft_adapter(merge_lora(g, base, lora), root / "adapter")
+    adapter = tiny_peft_adapter_dir(root / "adapter", seed=7)
     records = [r for r in build_pool(60, seed=3)
                if encode_record(r, tok, max_length=256).input_ids.shape[0] <= 64][:18]
     assert len(records) == 18
