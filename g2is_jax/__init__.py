@@ -88,6 +88,8 @@ _EXPORTS: dict[str, str] = {
     "SelectOptions": "g2is_jax.select",
     "METHODS": "g2is_jax.select",
     "pool_diagnostics": "g2is_jax.select",
+    "remove_mean_direction": "g2is_jax.select",
+    "project_out": "g2is_jax.select",
     "diagnose": "g2is_jax.select",
     "core_knowledge": "g2is_jax.select",
     "allocate_budgets": "g2is_jax.select",

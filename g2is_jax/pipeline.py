@@ -588,8 +588,8 @@ class _Pipeline:
             if any(m.startswith("g2is") for m in self.cfg.select.methods):
                 from g2is_jax.select.methods import walk_inputs
 
-                walk_features[scope.prefix] = np.asarray(
-                    walk_inputs(self.selection_inputs(scope))[0])
+                walk_features[scope.prefix] = np.asarray(walk_inputs(
+                    self.selection_inputs(scope), pool_mean=self.cfg.select.pool_mean)[0])
         sizes = {k: len(v) for k, v in self.records.items()}
         if self.report_to is None:
             raise ValueError("a read-only pipeline writes its report elsewhere: pass report_to")

@@ -228,7 +228,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         "Sizes (records): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f"; methods "
         f"{', '.join(sc['methods'])}, ratios {', '.join(f'{r:g}' for r in sc['ratios'])}, "
         f"seeds {', '.join(str(s) for s in sc['seeds'])}. Conventions: pca_sign "
-        f"{sc['pca_sign']}, val_normalize {sc['val_normalize']}, neighbors "
+        f"{sc['pca_sign']}, val_normalize {sc['val_normalize']}, pool_mean "
+        f"{sc.get('pool_mean', 'keep')}, neighbors "
         f"{sc['neighbors'] or 'all'} (100 is this project's default), delta {sc['delta']}.",
         "",
         "## Target test metrics (mean ± sd over seeds)",

@@ -171,6 +171,7 @@ class SelectConfig:
     neighbors: int = 100
     pca_sign: str = "v-based"
     val_normalize: str = "unit"
+    pool_mean: str = "keep"  # "remove": the pool's mean direction projected out (walks only)
     mode: str = "onthefly"
     diagnostics: bool = True
     mesh: str | None = None  # e.g. "data=8": the walk's rows over this process's devices
@@ -182,7 +183,8 @@ class SelectConfig:
         return SelectOptions(ratio=ratio, seed=seed, delta=self.delta,
                              pca_variance=self.pca_variance, n_components=self.n_components,
                              neighbors=self.neighbors, pca_sign=self.pca_sign,
-                             val_normalize=self.val_normalize, mode=self.mode,
+                             val_normalize=self.val_normalize, pool_mean=self.pool_mean,
+                             mode=self.mode,
                              diagnostics=self.diagnostics)
 
 

@@ -26,6 +26,11 @@ PCA_SIGNS: tuple[str, ...] = get_args(PcaSign)
 ValNormalize = Literal["unit", "raw"]
 VAL_NORMALIZE: tuple[str, ...] = get_args(ValNormalize)
 
+# The pool's features before the walk: as computed ("keep", the authors'), or with the mean
+# direction of the pool's unit rows projected out of every row ("remove", this project's option).
+PoolMean = Literal["keep", "remove"]
+POOL_MEAN: tuple[str, ...] = get_args(PoolMean)
+
 SignHandling = Literal["signed", "both-poles", "absolute"]
 SIGN_HANDLING: tuple[str, ...] = get_args(SignHandling)
 
@@ -40,6 +45,7 @@ STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 PoolSetting = Literal["general", "with-target"]
 POOL_SETTINGS: tuple[str, ...] = get_args(PoolSetting)
 
-__all__ = ["METHOD_HELP", "METHOD_NAMES", "PCA_SIGNS", "POOL_SETTINGS", "SIGN_HANDLING",
-           "STORAGE_DTYPES", "VAL_NORMALIZE", "WALK_MODES", "MethodName", "PcaSign",
-           "PoolSetting", "SignHandling", "StorageDtype", "ValNormalize", "WalkMode"]
+__all__ = ["METHOD_HELP", "METHOD_NAMES", "PCA_SIGNS", "POOL_MEAN", "POOL_SETTINGS",
+           "SIGN_HANDLING", "STORAGE_DTYPES", "VAL_NORMALIZE", "WALK_MODES", "MethodName",
+           "PcaSign", "PoolMean", "PoolSetting", "SignHandling", "StorageDtype", "ValNormalize",
+           "WalkMode"]

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
           "(min–max) | patterns | g2is-robust | g2is-abs |")
     print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for scope in pipe.scopes():
-        t, v = walk_inputs(pipe.selection_inputs(scope), sc.val_normalize)
+        t, v, _ = walk_inputs(pipe.selection_inputs(scope), sc.val_normalize, sc.pool_mean)
         t = np.asarray(t, np.float32)
         pool = pipe.pool_records(scope)
         domain = scope.domain

@@ -6,8 +6,9 @@ Run after a `g2is run` (or the experiment script) has trained its warm-up:
 
 For every warm-up epoch checkpoint in RUN/warmup/checkpoints, computes the Adam features (and,
 with `--gradients adam,sgd`, the plain gradients) of a seeded sample of the pool (RUN's config:
-model, max length, projection) and prints the pool diagnostics (`g2is_jax.select.pool_diagnostics`): the fraction of negative-cosine pairs among the
-sample's pairs and the share of feature energy on the mean pool direction. The optimizer steps
+model, max length, projection) and prints the pool diagnostics
+(`g2is_jax.select.pool_diagnostics`): the fraction of negative-cosine pairs among the sample's
+pairs and the share of feature energy on the mean pool direction. The optimizer steps
 of each checkpoint come from its metadata. G2IS's no-conflict rule needs the first to be well
 above zero; after a very short warm-up it is ~0 (see the README). Comparing Adam with SGD
 features of the same rows tells whether a shared direction comes from the gradients themselves

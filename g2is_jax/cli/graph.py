@@ -39,6 +39,13 @@ def register(subparsers: Any) -> None:
         "--mixed", action="store_true", help="include the validation rows as nodes N..N+n-1"
     )
     p.add_argument(
+        "--pool-mean",
+        choices=("keep", "remove"),
+        default="keep",
+        help="the pool's features as computed (keep, default) or with their mean direction "
+        "projected out (remove); use the value that `g2is select --pool-mean` will get",
+    )
+    p.add_argument(
         "--neighbors",
         type=int,
         default=100,
@@ -67,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     train = feats.load_checkpoints(args.train_features, role="train")
     weights = feats.checkpoint_weights(train)
     t = feats.combine_checkpoints([s.array for s in train], weights)
+    if args.pool_mean == "remove":
+        t, _ = feats.remove_mean_direction(t)
     core.check_positive_int("neighbors", args.neighbors)
     core.check_positive_int("block_rows", args.block_rows)
     unit, _ = core.prepare_rows(core.as_features(t, "train features"))
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         train_features=list(args.train_features),
         val_features=list(args.val_features or []),
         checkpoint_weights=[float(w) for w in weights],
+        pool_mean=args.pool_mean,
     )
     try:
         path = dataclasses.replace(g, meta=meta).save(out)

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from g2is_jax.vocab import PCA_SIGNS, VAL_NORMALIZE
+    from g2is_jax.vocab import PCA_SIGNS, POOL_MEAN, VAL_NORMALIZE
 
     p = sub.add_parser(
         "run",
@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override select.pca_sign (the PCA sign convention g2is depends on)")
     p.add_argument("--val-normalize", choices=VAL_NORMALIZE,
                    help="override select.val_normalize (V's rows before the PCA)")
+    p.add_argument("--pool-mean", choices=POOL_MEAN,
+                   help="override select.pool_mean (walks: remove = the pool's mean feature "
+                        "direction projected out before the walk)")
     p.add_argument("--pools", help="override select.pools, e.g. general,with-target")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
                    default=[], help="override any config key, e.g. warmup.epochs=2 (repeat)")
@@ -42,7 +45,7 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     out = []
     if args.model:
         out.append(f"model={args.model}")
-    for key in ("methods", "ratios", "seeds", "pca_sign", "val_normalize", "pools"):
+    for key in ("methods", "ratios", "seeds", "pca_sign", "val_normalize", "pool_mean", "pools"):
         value = getattr(args, key)
         if value:
             out.append(f"select.{key}={value}")

@@ -42,6 +42,7 @@ def register(subparsers: Any) -> None:
         METHOD_HELP,
         METHOD_NAMES,
         PCA_SIGNS,
+        POOL_MEAN,
         STORAGE_DTYPES,
         VAL_NORMALIZE,
         WALK_MODES,
@@ -96,6 +97,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val-normalize", choices=VAL_NORMALIZE, default="unit",
                    help="V's rows before the PCA: unit (default, as LESS stores validation "
                         "features) or raw; the same rule for one checkpoint and several")
+    p.add_argument("--pool-mean", choices=POOL_MEAN, default="keep",
+                   help="walks: the pool's features as computed (keep, default; the authors') "
+                        "or with the mean direction of their unit rows projected out of every "
+                        "row (remove; this project's option: LESS's Adam features share the "
+                        "optimizer's first moment, which can keep the no-conflict rule from "
+                        "ever firing; the diagnostics show when)")
     p.add_argument("--neighbors", type=_neighbors, default=100,
                    help="walks: length of each row's neighbour list; 100 is this project's "
                         "default (the authors' graph width is unspecified); 0 or 'all' = the "
@@ -128,7 +135,8 @@ def options_from_args(args: argparse.Namespace):
     return SelectOptions(
         ratio=args.ratio, delta=args.delta, pca_variance=args.pca_variance,
         n_components=args.n_components, pca_sign=args.pca_sign,
-        val_normalize=args.val_normalize, neighbors=args.neighbors, anchor_pool=args.anchor_pool,
+        val_normalize=args.val_normalize, pool_mean=args.pool_mean, neighbors=args.neighbors,
+        anchor_pool=args.anchor_pool,
         mode=args.mode, dtype=args.dtype, seed=args.seed, diagnostics=not args.no_diagnostics)
 
 
@@ -169,11 +177,12 @@ def run(args: argparse.Namespace) -> int:
         graph = KnnGraph.load(args.graph)
         want = graph.meta.get("fingerprint")
         t_walk = walk_inputs(SelectionInputs([s.array for s in train],
-                                             [s.array for s in val], weights))[0]
+                                             [s.array for s in val], weights),
+                             pool_mean=args.pool_mean)[0]
         if want is not None and want != fingerprint(t_walk):
             raise G2ISError(
                 f"{args.graph} was built from other features; rebuild it with `g2is graph` "
-                "from the same --train-features"
+                f"from the same --train-features and --pool-mean {args.pool_mean}"
             )
     inputs = SelectionInputs([s.array for s in train], [s.array for s in val], weights,
                              subtasks, graph, mesh)

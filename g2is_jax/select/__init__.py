@@ -38,6 +38,8 @@ from g2is_jax.select.features import (
     combine_checkpoints,
     load_checkpoints,
     load_features,
+    project_out,
+    remove_mean_direction,
 )
 from g2is_jax.select.graph import KnnGraph, knn_graph, mixed_graph
 from g2is_jax.select.methods import (
@@ -79,6 +81,8 @@ __all__ = [
     "allocate_budgets",
     "checkpoint_weights",
     "combine_checkpoints",
+    "project_out",
+    "remove_mean_direction",
     "core_knowledge",
     "diagnose",
     "g2is_select",

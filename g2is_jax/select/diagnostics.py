@@ -57,26 +57,40 @@ def _energy_chunk(x, m):
     return jnp.sum(proj * proj), jnp.sum(nonzero)
 
 
+def mean_direction(train: Any, *, check: bool = True) -> np.ndarray | None:
+    """The mean of the pool's unit rows (N×d), normalised: float64[d]; None when that mean is
+    (near) zero. Rows are streamed in chunks (host loop; a memory-mapped T is never loaded
+    whole)."""
+    t = core.as_features(train, "train features") if check else train
+    total = None
+    for s in range(0, t.shape[0], _CHUNK):
+        u, _ = _unit_chunk(jnp.asarray(t[s:s + _CHUNK]))
+        part = jnp.sum(u, axis=0)
+        total = part if total is None else total + part
+    mean = np.asarray(total, np.float64) / t.shape[0]
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > core.NORM_FLOOR else None
+
+
+def direction_energy(train: Any, direction: np.ndarray) -> float:
+    """The share of the (unit-row) energy of the nonzero rows of `train` on the unit vector
+    `direction`: the mean over those rows of cos(row, direction)²."""
+    m = jnp.asarray(direction)
+    energy, count = 0.0, 0
+    for s in range(0, train.shape[0], _CHUNK):
+        e, c = _energy_chunk(jnp.asarray(train[s:s + _CHUNK]), m)
+        energy, count = energy + float(e), count + int(c)
+    return energy / count if count else 0.0
+
+
 def pool_diagnostics(train: Any, *, sample: int = 512, seed: int = 0,
                      check: bool = True) -> dict[str, Any]:
     """Shared-direction energy and negative-cosine pair fraction of the pool's features (N×d).
     `check=False` skips the finiteness scan (for features checked upstream)."""
     t = core.as_features(train, "train features") if check else train
     n = t.shape[0]
-    total = None
-    for s in range(0, n, _CHUNK):
-        u, _ = _unit_chunk(jnp.asarray(t[s:s + _CHUNK]))
-        part = jnp.sum(u, axis=0)
-        total = part if total is None else total + part
-    mean = np.asarray(total, np.float64) / n
-    norm = float(np.linalg.norm(mean))
-    energy, count = 0.0, 0
-    if norm > core.NORM_FLOOR:
-        m = jnp.asarray(mean / norm)
-        for s in range(0, n, _CHUNK):
-            e, c = _energy_chunk(jnp.asarray(t[s:s + _CHUNK]), m)
-            energy, count = energy + float(e), count + int(c)
-    share = energy / count if count else 0.0
+    direction = mean_direction(t, check=False)
+    share = 0.0 if direction is None else direction_energy(t, direction)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
     u, nonzero = _unit_chunk(jnp.asarray(np.asarray(t[rows])))

@@ -24,7 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from g2is_jax.errors import G2ISError
 from g2is_jax.store import FeatureSet, file_sha256, read_features
@@ -117,6 +120,50 @@ def combine_checkpoints(arrays: Sequence[Any], weights: Sequence[float], *,
             out[s : s + _CHECK_ROWS, col : col + d] = np.sqrt(wi) * x
         col += d
     return out
+
+
+@jax.jit
+def project_out(rows: Any, direction: Any) -> jax.Array:
+    """`rows` (N×d) with their component along the unit vector `direction` (d) removed:
+    rows − (rows·direction) directionᵀ. Pure and jitted (composes under `jax.jit` and
+    `jax.vmap`); computed in float32 (float64 for float64 rows), returned in the rows' dtype."""
+    x = jnp.asarray(rows)
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    xa, m = x.astype(acc), jnp.asarray(direction).astype(acc)
+    along = jnp.dot(xa, m, precision=lax.Precision.HIGHEST)
+    return (xa - along[:, None] * m[None, :]).astype(x.dtype)
+
+
+def remove_mean_direction(train: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Host edge of ``pool_mean="remove"``: the pool's features (N×d) with the mean direction of
+    their unit rows (`diagnostics.mean_direction`) projected out of every row, and what was
+    removed: {"pool_mean": "remove", "removed_energy": the share of the unit-row energy that lay
+    on that direction}.
+
+    Why (this project's option, not the authors'): LESS's pool feature is Adam's update
+    m′/√v′, whose first moment m′ = β₁m + (1−β₁)g carries the optimizer's running mean m into
+    every row; that shared direction can hold most of every row's energy, so that no two rows
+    conflict and the walk's no-conflict rule never fires. Removing it leaves each row's own
+    part: the walk (which normalises rows) then compares rows, and rows with k, without the
+    shared direction. Validation features are left as they are. A row that lay almost wholly on
+    the direction keeps only its small remainder, which the walk scales up like any other.
+    Rows are streamed in chunks; the result is float32 (float64 input stays float64)."""
+    from g2is_jax.select import core, diagnostics
+
+    t = core.as_features(train, "train features")
+    direction = diagnostics.mean_direction(t, check=False)
+    dtype = np.float64 if np.dtype(t.dtype) == np.float64 else np.float32
+    out = np.empty(t.shape, dtype)
+    if direction is None:
+        for s in range(0, t.shape[0], _CHECK_ROWS):
+            out[s : s + _CHECK_ROWS] = np.asarray(t[s : s + _CHECK_ROWS], dtype)
+        return out, {"pool_mean": "remove", "removed_energy": 0.0}
+    energy = diagnostics.direction_energy(t, direction)
+    m = jnp.asarray(direction)
+    for s in range(0, t.shape[0], _CHECK_ROWS):
+        chunk = jnp.asarray(np.asarray(t[s : s + _CHECK_ROWS], dtype))
+        out[s : s + _CHECK_ROWS] = np.asarray(project_out(chunk, m))
+    return out, {"pool_mean": "remove", "removed_energy": round(float(energy), 6)}
 
 
 def load_subtasks(path: str | Path, n_val: int) -> list[str]:

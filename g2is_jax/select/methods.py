@@ -29,8 +29,16 @@ import numpy as np
 from g2is_jax.errors import G2ISError
 from g2is_jax.select import baselines, core, diagnostics, plan, walk
 from g2is_jax.select.core import SelectionResult
-from g2is_jax.select.features import combine_checkpoints
-from g2is_jax.vocab import METHOD_HELP, METHOD_NAMES, STORAGE_DTYPES, MethodName, StorageDtype
+from g2is_jax.select.features import combine_checkpoints, remove_mean_direction
+from g2is_jax.vocab import (
+    METHOD_HELP,
+    METHOD_NAMES,
+    POOL_MEAN,
+    STORAGE_DTYPES,
+    MethodName,
+    PoolMean,
+    StorageDtype,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +52,7 @@ class SelectOptions:
     n_components: int | None = None
     pca_sign: core.PcaSign = "v-based"
     val_normalize: core.ValNormalize = "unit"
+    pool_mean: PoolMean = "keep"
     neighbors: int = plan.DEFAULT_NEIGHBORS
     anchor_pool: int = 1000
     mode: walk.Mode = "onthefly"
@@ -55,6 +64,7 @@ class SelectOptions:
     def __post_init__(self):
         core.check_choice("pca_sign", self.pca_sign, core.PCA_SIGNS)
         core.check_choice("val_normalize", self.val_normalize, core.VAL_NORMALIZE)
+        core.check_choice("pool_mean", self.pool_mean, POOL_MEAN)
         core.check_choice("mode", self.mode, walk.MODES)
         core.check_choice("dtype", self.dtype, STORAGE_DTYPES)
         core.check_fraction("ratio", self.ratio)
@@ -106,7 +116,8 @@ class MethodSpec:
 
 
 _WALK_OPTIONS = ("ratio", "budget", "delta", "pca_variance", "n_components", "pca_sign",
-                 "val_normalize", "neighbors", "anchor_pool", "mode", "dtype", "diagnostics")
+                 "val_normalize", "pool_mean", "neighbors", "anchor_pool", "mode", "dtype",
+                 "diagnostics")
 
 
 def _storage(array: Any, dtype: str) -> Any:
@@ -124,16 +135,23 @@ def _storage(array: Any, dtype: str) -> Any:
     return np.asarray(array, dtype)
 
 
-def walk_inputs(inputs: SelectionInputs, val_normalize: str = "unit") -> tuple[Any, Any]:
-    """(T, V) for the walk: the checkpoints combined (`features.combine_checkpoints`)."""
+def walk_inputs(inputs: SelectionInputs, val_normalize: str = "unit",
+                pool_mean: str = "keep") -> tuple[Any, Any, dict[str, Any]]:
+    """(T, V, conventions) for the walk: the checkpoints combined
+    (`features.combine_checkpoints`), then, under ``pool_mean="remove"``, the pool's mean
+    direction projected out of T (`features.remove_mean_direction`)."""
+    core.check_choice("pool_mean", pool_mean, POOL_MEAN)
     t = combine_checkpoints(list(inputs.train), inputs.weights)
     v = combine_checkpoints(list(inputs.val), inputs.weights, normalize=val_normalize)
-    return t, v
+    if pool_mean == "remove":
+        t, info = remove_mean_direction(t)
+        return t, v, info
+    return t, v, {"pool_mean": "keep"}
 
 
 def _walk_method(sign_handling: str, name: str):
     def run(inputs: SelectionInputs, o: SelectOptions) -> SelectionResult:
-        t, v = walk_inputs(inputs, o.val_normalize)
+        t, v, pool_conventions = walk_inputs(inputs, o.val_normalize, o.pool_mean)
         if inputs.graph is not None and o.mode != "graph":
             raise G2ISError("a prebuilt graph is used by mode 'graph'; set mode='graph' or drop "
                             "the graph", param="graph")
@@ -144,7 +162,8 @@ def _walk_method(sign_handling: str, name: str):
             anchor_pool=o.anchor_pool, mode=o.mode, graph=inputs.graph, mesh=inputs.mesh,
             method=name, diagnostics=o.diagnostics, diagnostics_sample=o.diagnostics_sample)
         return dataclasses.replace(res, conventions={
-            **res.conventions, "checkpoint_weights": [float(w) for w in inputs.weights],
+            **res.conventions, **pool_conventions,
+            "checkpoint_weights": [float(w) for w in inputs.weights],
             "combine_checkpoints": "this project's extension" if len(inputs.train) > 1
             else "one checkpoint"})
 
@@ -175,7 +194,7 @@ def _with_pool_diagnostics(res: SelectionResult, inputs: SelectionInputs,
                            o: SelectOptions) -> SelectionResult:
     if not o.diagnostics or inputs.mesh is not None:
         return res
-    t, _ = walk_inputs(inputs)
+    t, _, _ = walk_inputs(inputs)
     return diagnostics.diagnose(res, t, None, sample=o.diagnostics_sample)
 
 
@@ -198,9 +217,17 @@ def run_method(name: str, inputs: SelectionInputs, options: SelectOptions | None
     return METHODS[name].run(inputs, options or SelectOptions())
 
 
+# Options added after run folders existed: left out of `method_config` at their default, so
+# that the fingerprints of earlier selections (which hash this config) stay valid.
+_OMITTED_AT_DEFAULT = {"pool_mean": "keep"}
+
+
 def method_config(name: str, options: SelectOptions) -> dict[str, Any]:
-    """The options `name` reads, as recorded in selection.json."""
-    return {"method": name, **{k: getattr(options, k) for k in METHODS[name].options}}
+    """The options `name` reads, as recorded in selection.json (an option named in
+    `_OMITTED_AT_DEFAULT` only when it differs from that default; `SelectionResult.conventions`
+    records it always)."""
+    return {"method": name, **{k: getattr(options, k) for k in METHODS[name].options
+                               if _OMITTED_AT_DEFAULT.get(k, object()) != getattr(options, k)}}
 
 
 __all__ = ["METHODS", "METHOD_NAMES", "MethodName", "MethodSpec", "SelectOptions",
