@@ -40,6 +40,7 @@ is optional and every unknown key is an error that names the valid ones::
     pools = ["general", "with-target"]   # with several targets
     pca_sign = "v-based"
     val_normalize = "unit"
+    pool_mean = "keep"                   # walks: "remove" projects out the pool's mean direction
 
     [finetune]
     preset = "cpu-finetune"

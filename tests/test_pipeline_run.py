@@ -185,6 +185,21 @@ def test_changed_settings_recompute_the_stage_and_what_follows(run, capsys):
         "max_new_tokens"] == 2
 
 
+def test_pool_mean_remove_reselects_only_the_walk_and_is_recorded(run):
+    _, _, out, args = run
+    keep = json.loads((out / "select" / "g2is-r0.1" / "selection.json").read_text())
+    assert keep["conventions"]["pool_mean"] == "keep" and "pool_mean" not in keep["config"]
+    assert main([*args, "--pool-mean", "remove"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    fresh = {s["name"] for s in report["stages"] if not s["cached"]}
+    assert {n for n in fresh if n.startswith("select:")} == {"select: g2is-r0.1"}
+    doc = json.loads((out / "select" / "g2is-r0.1" / "selection.json").read_text())
+    assert doc["conventions"]["pool_mean"] == "remove" and doc["config"]["pool_mean"] == "remove"
+    assert 0 < doc["conventions"]["removed_energy"] <= 1
+    assert report["config"]["select"]["pool_mean"] == "remove"
+    assert "pool_mean remove" in (out / "report.md").read_text()
+
+
 def test_yaml_config_equals_toml(tmp_path):
     toml = tmp_path / "a.toml"
     toml.write_text('[suite]\nn_pool = 50\n[select]\nratios = [0.01, 0.05]\n'
