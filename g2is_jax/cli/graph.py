@@ -11,6 +11,8 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
+    from g2is_jax.vocab import POOL_MEAN
+
     p = subparsers.add_parser(
         "graph",
         help="build the kNN instruction graph of the pool's features and save it (.npz)",
@@ -40,7 +42,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--pool-mean",
-        choices=("keep", "remove"),
+        choices=POOL_MEAN,
         default="keep",
         help="the pool's features as computed (keep, default) or with their mean direction "
         "projected out (remove); use the value that `g2is select --pool-mean` will get",
