@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from g2is_jax.errors import G2ISError
+from g2is_jax.select import core
 from g2is_jax.store import FeatureSet, file_sha256, read_features
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def project_out(rows: Any, direction: Any) -> jax.Array:
     rows − (rows·direction) directionᵀ. Pure and jitted (composes under `jax.jit` and
     `jax.vmap`); computed in float32 (float64 for float64 rows), returned in the rows' dtype."""
     x = jnp.asarray(rows)
-    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    acc = core.acc_dtype(x.dtype)
     xa, m = x.astype(acc), jnp.asarray(direction).astype(acc)
     along = jnp.dot(xa, m, precision=lax.Precision.HIGHEST)
     return (xa - along[:, None] * m[None, :]).astype(x.dtype)
@@ -148,16 +149,14 @@ def remove_mean_direction(train: Any) -> tuple[np.ndarray, dict[str, Any]]:
     shared direction. Validation features are left as they are. A row that lay almost wholly on
     the direction keeps only its small remainder, which the walk scales up like any other.
     Rows are streamed in chunks; the result is float32 (float64 input stays float64)."""
-    from g2is_jax.select import core, diagnostics
+    from g2is_jax.select import diagnostics
 
     t = core.as_features(train, "train features")
     direction = diagnostics.mean_direction(t, check=False)
-    dtype = np.float64 if np.dtype(t.dtype) == np.float64 else np.float32
-    out = np.empty(t.shape, dtype)
+    dtype = core.acc_dtype(t.dtype)
     if direction is None:
-        for s in range(0, t.shape[0], _CHECK_ROWS):
-            out[s : s + _CHECK_ROWS] = np.asarray(t[s : s + _CHECK_ROWS], dtype)
-        return out, {"pool_mean": "remove", "removed_energy": 0.0}
+        return np.array(t, dtype=dtype), {"pool_mean": "remove", "removed_energy": 0.0}
+    out = np.empty(t.shape, dtype)
     energy = diagnostics.direction_energy(t, direction)
     m = jnp.asarray(direction)
     for s in range(0, t.shape[0], _CHECK_ROWS):
